@@ -1,0 +1,355 @@
+"""The moefx op contract: ``torch.ops.moefx.moe``, the routed experts of one MoE layer.
+
+Every consumer (the reference below, the Triton kernels in ``moefx.codegen``, the compile
+passes, the ONNX translation) implements or emits exactly this op; none re-derives it.
+
+Semantics, per token t (row of ``x``), with E routed experts and Z = num_zero + num_copy +
+num_const zero-computation experts (MoE++), so the router has E + Z rows::
+
+    l      = router_input[t] @ w_router.T + b_router                      # [E+Z] logits
+    s      = softmax(l) | sigmoid(l) | 1          (scoring: "softmax" | "sigmoid" | "unit")
+    S      = top_k indices of s (ties broken by torch.topk; for "unit", top_k of l)
+    dynamic-k (top_p < 1): with p = softmax(l) sorted as S, keep the r-th choice iff
+             r < min_k or p_S[0] + ... + p_S[r-1] < top_p                (Huang et al. 2024)
+    g_e    = s_e / sum_{j kept} s_j   if renormalize else s_e,   times gate_scale, for e kept
+    y[t]   = sum_{e kept} g_e * f_e(x[t])
+    f_e(x) = act(x @ w_in[e].T + b_in[e]) @ w_out[e].T + b_out[e]          (plain FFN expert)
+    f_e(x) = (act(a[0::2]) * a[1::2]) @ w_out[e].T + b_out[e],
+             a = x @ w_in[e].T + b_in[e]          (gated: gate and up rows interleaved)
+    f_e(x) = 0                      for e in [E, E + num_zero)            (zero expert)
+    f_e(x) = x                      for the next num_copy experts         (copy expert)
+    f_e(x) = const_experts[j]       for the j-th of the last num_const     (constant expert)
+
+Shapes: x [T, H]; router_input [T, Hr] (``x`` itself, or another tensor for pre-gating);
+w_router [E+Z, Hr]; b_router [E+Z]; w_in [E, F_in, H] with F_in = F, or 2F when gated;
+b_in [E, F_in]; w_out [E, H, F]; b_out [E, H]; const_experts [num_const, H]. Routing math
+runs in fp32 (fp64 for fp64 inputs); expert GEMMs accumulate likewise; y has x's dtype. With scoring "unit" and
+top_k = E (no zero-computation experts), y is the sum of all experts: a dense FFN carved into
+experts is reproduced exactly. With renormalized softmax gates and identical experts
+(upcycling), y equals one expert at any top_k.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+ACTIVATIONS = {
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "gelu_tanh": functools.partial(F.gelu, approximate="tanh"),
+    "silu": F.silu,
+}
+SCORINGS = ("softmax", "sigmoid", "unit")
+KERNEL_PATHS = ("auto", "triton", "reference")
+
+
+def kernel_path(device: torch.device) -> str:
+    """The implementation ``MOEFX_KERNELS`` (auto | triton | reference) selects for ``device``."""
+    choice = os.environ.get("MOEFX_KERNELS", "auto")
+    if choice not in KERNEL_PATHS:
+        raise ValueError(f"MOEFX_KERNELS={choice!r} is not one of {KERNEL_PATHS}; unset it or pick one")
+    if choice == "auto":
+        return "triton" if device.type == "cuda" and _triton_available() else "reference"
+    return choice
+
+
+@functools.cache
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for every input dtype but fp64, which keeps its precision (gradcheck, references)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def route(
+    router_input: Tensor,
+    w_router: Tensor,
+    b_router: Optional[Tensor],
+    top_k: int,
+    scoring: str,
+    renormalize: bool,
+    top_p: float,
+    min_k: int,
+    gate_scale: float,
+) -> tuple[Tensor, Tensor]:
+    """Gates [T, top_k] (fp32, 0 for choices dropped by dynamic-k) and expert ids [T, top_k]."""
+    acc = accumulation_dtype(router_input.dtype)
+    logits = F.linear(router_input.to(acc), w_router.to(acc), None if b_router is None else b_router.to(acc))
+    if scoring == "softmax":
+        scores = logits.softmax(-1)
+    elif scoring == "sigmoid":
+        scores = logits.sigmoid()
+    else:
+        scores = logits
+    top_scores, ids = scores.topk(top_k, dim=-1)
+    gates = torch.ones_like(top_scores) if scoring == "unit" else top_scores
+    if top_p < 1.0:
+        probs = logits.softmax(-1).gather(-1, ids)
+        mass_before = probs.cumsum(-1) - probs
+        rank = torch.arange(top_k, device=ids.device)
+        gates = gates * ((rank < min_k) | (mass_before < top_p))
+    if renormalize:
+        gates = gates / gates.sum(-1, keepdim=True)
+    return gates * gate_scale, ids
+
+
+def expert_ffn(x: Tensor, w_in: Tensor, b_in: Optional[Tensor], w_out: Tensor, b_out: Optional[Tensor],
+               activation: str, gated: bool) -> Tensor:
+    """One expert f_e applied to rows x (fp32 math)."""
+    a = F.linear(x, w_in, b_in)
+    h = ACTIVATIONS[activation](a[:, 0::2]) * a[:, 1::2] if gated else ACTIVATIONS[activation](a)
+    return F.linear(h, w_out, b_out)
+
+
+def moe_reference(
+    x: Tensor, router_input: Tensor, w_router: Tensor, b_router: Optional[Tensor],
+    w_in: Tensor, b_in: Optional[Tensor], w_out: Tensor, b_out: Optional[Tensor],
+    const_experts: Optional[Tensor], top_k: int, activation: str, gated: bool, scoring: str,
+    renormalize: bool, top_p: float, min_k: int, gate_scale: float, num_zero: int, num_copy: int,
+) -> Tensor:
+    """Pure-PyTorch implementation of the contract: tokens grouped per expert, one GEMM pair each."""
+    gates, ids = route(router_input, w_router, b_router, top_k, scoring, renormalize, top_p, min_k, gate_scale)
+    num_experts = w_in.shape[0]
+    acc = gates.dtype
+    xf = x.to(acc)
+    out = torch.zeros_like(xf)
+    flat_ids, flat_gates = ids.flatten(), gates.flatten()
+    token_of_slot = torch.arange(x.shape[0], device=x.device).repeat_interleave(top_k)
+    order = flat_ids.argsort(stable=True)
+    counts = torch.bincount(flat_ids, minlength=w_router.shape[0]).tolist()
+    start = 0
+    for e, count in enumerate(counts):
+        slots = order[start:start + count]
+        start += count
+        if count == 0 or e < num_experts + num_zero and e >= num_experts:
+            continue
+        tokens = token_of_slot[slots]
+        if e < num_experts:
+            y = expert_ffn(xf[tokens], w_in[e].to(acc), None if b_in is None else b_in[e].to(acc),
+                           w_out[e].to(acc), None if b_out is None else b_out[e].to(acc), activation, gated)
+        elif e < num_experts + num_zero + num_copy:
+            y = xf[tokens]
+        else:
+            y = const_experts[e - num_experts - num_zero - num_copy].to(acc).expand(count, -1)
+        out.index_add_(0, tokens, y * flat_gates[slots, None])
+    return out.to(x.dtype)
+
+
+@torch.library.custom_op("moefx::moe", mutates_args=())
+def moe(
+    x: Tensor, router_input: Tensor, w_router: Tensor, b_router: Optional[Tensor],
+    w_in: Tensor, b_in: Optional[Tensor], w_out: Tensor, b_out: Optional[Tensor],
+    const_experts: Optional[Tensor], top_k: int, activation: str, gated: bool, scoring: str,
+    renormalize: bool, top_p: float, min_k: int, gate_scale: float, num_zero: int, num_copy: int,
+) -> Tensor:
+    args = (x, router_input, w_router, b_router, w_in, b_in, w_out, b_out, const_experts, top_k, activation,
+            gated, scoring, renormalize, top_p, min_k, gate_scale, num_zero, num_copy)
+    if kernel_path(x.device) == "triton":
+        from moefx.codegen import moe_triton
+        return moe_triton(*args)
+    return moe_reference(*args)
+
+
+@moe.register_fake
+def _(x, router_input, w_router, b_router, w_in, b_in, w_out, b_out, const_experts, top_k, activation, gated,
+      scoring, renormalize, top_p, min_k, gate_scale, num_zero, num_copy):
+    return torch.empty_like(x)
+
+
+ACTIVATION_GRADS = {
+    "relu": lambda a: (a > 0).to(a.dtype),
+    "gelu": lambda a: 0.5 * (1 + torch.erf(a / math.sqrt(2))) + a * torch.exp(-0.5 * a * a) / math.sqrt(2 * math.pi),
+    "gelu_tanh": lambda a: _gelu_tanh_grad(a),
+    "silu": lambda a: torch.sigmoid(a) * (1 + a * (1 - torch.sigmoid(a))),
+}
+
+
+def _gelu_tanh_grad(a: Tensor) -> Tensor:
+    c = math.sqrt(2 / math.pi)
+    t = torch.tanh(c * (a + 0.044715 * a ** 3))
+    return 0.5 * (1 + t) + 0.5 * a * (1 - t * t) * c * (1 + 3 * 0.044715 * a * a)
+
+
+@torch.library.custom_op("moefx::moe_backward", mutates_args=())
+def moe_backward(
+    grad_out: Tensor, x: Tensor, router_input: Tensor, w_router: Tensor, b_router: Optional[Tensor],
+    w_in: Tensor, b_in: Optional[Tensor], w_out: Tensor, b_out: Optional[Tensor],
+    const_experts: Optional[Tensor], top_k: int, activation: str, gated: bool, scoring: str,
+    renormalize: bool, top_p: float, min_k: int, gate_scale: float, num_zero: int, num_copy: int,
+) -> list[Tensor]:
+    """Gradients of ``moe`` for its tensor inputs (x, router_input, w_router, b_router, w_in, b_in,
+    w_out, b_out, const_experts; empty tensors for absent optional ones). The routing choice is
+    piecewise constant, so gradients reach the router only through the gate values."""
+    gates, ids = route(router_input, w_router, b_router, top_k, scoring, renormalize, top_p, min_k, gate_scale)
+    num_experts = w_in.shape[0]
+    acc = gates.dtype
+    xf, dout = x.to(acc), grad_out.to(acc)
+    dx = torch.zeros_like(xf)
+    d_gates = torch.zeros_like(gates)
+    dw_in, dw_out = torch.zeros_like(w_in, dtype=acc), torch.zeros_like(w_out, dtype=acc)
+    db_in = None if b_in is None else torch.zeros_like(b_in, dtype=acc)
+    db_out = None if b_out is None else torch.zeros_like(b_out, dtype=acc)
+    d_const = None if const_experts is None else torch.zeros_like(const_experts, dtype=acc)
+    flat_ids, flat_gates, flat_dgates = ids.flatten(), gates.flatten(), d_gates.view(-1)
+    token_of_slot = torch.arange(x.shape[0], device=x.device).repeat_interleave(top_k)
+    order = flat_ids.argsort(stable=True)
+    counts = torch.bincount(flat_ids, minlength=w_router.shape[0]).tolist()
+    start = 0
+    for e, count in enumerate(counts):
+        slots = order[start:start + count]
+        start += count
+        if count == 0 or num_experts <= e < num_experts + num_zero:
+            continue
+        tokens = token_of_slot[slots]
+        g_out = dout[tokens]
+        if e < num_experts:
+            xe = xf[tokens]
+            a = F.linear(xe, w_in[e].to(acc), None if b_in is None else b_in[e].to(acc))
+            if gated:
+                gate, up = a[:, 0::2], a[:, 1::2]
+                act_gate = ACTIVATIONS[activation](gate)
+                h = act_gate * up
+            else:
+                h = ACTIVATIONS[activation](a)
+            y = F.linear(h, w_out[e].to(acc), None if b_out is None else b_out[e].to(acc))
+            dy = g_out * flat_gates[slots, None]
+            dw_out[e] = dy.T @ h
+            if db_out is not None:
+                db_out[e] = dy.sum(0)
+            dh = dy @ w_out[e].to(acc)
+            if gated:
+                da = torch.empty_like(a)
+                da[:, 0::2] = dh * up * ACTIVATION_GRADS[activation](gate)
+                da[:, 1::2] = dh * act_gate
+            else:
+                da = dh * ACTIVATION_GRADS[activation](a)
+            dw_in[e] = da.T @ xe
+            if db_in is not None:
+                db_in[e] = da.sum(0)
+            dx.index_add_(0, tokens, da @ w_in[e].to(acc))
+        elif e < num_experts + num_zero + num_copy:
+            y = xf[tokens]
+            dx.index_add_(0, tokens, g_out * flat_gates[slots, None])
+        else:
+            j = e - num_experts - num_zero - num_copy
+            y = const_experts[j].to(acc).expand(count, -1)
+            d_const[j] = (g_out * flat_gates[slots, None]).sum(0)
+        flat_dgates[slots] = (g_out * y).sum(-1)
+
+    d_logits = _route_backward(router_input, w_router, b_router, gates, ids, d_gates, scoring, renormalize,
+                               top_p, min_k, gate_scale)
+    d_router_input = d_logits @ w_router.to(acc)
+    if router_input is x:
+        dx += d_router_input
+        d_router_input = torch.zeros_like(d_router_input)
+    grads = [dx, d_router_input, d_logits.T @ router_input.to(acc),
+             None if b_router is None else d_logits.sum(0), dw_in, db_in, dw_out, db_out, d_const]
+    like = [x, router_input, w_router, b_router, w_in, b_in, w_out, b_out, const_experts]
+    return [x.new_empty(0) if g is None else g.to(t.dtype) for g, t in zip(grads, like)]
+
+
+def _route_backward(router_input, w_router, b_router, gates, ids, d_gates, scoring, renormalize, top_p, min_k,
+                    gate_scale) -> Tensor:
+    """Gradient of the router logits given the gradient of the gates ``route`` returned."""
+    acc = gates.dtype
+    logits = F.linear(router_input.to(acc), w_router.to(acc), None if b_router is None else b_router.to(acc))
+    if scoring == "unit":
+        return torch.zeros_like(logits)
+    scores = logits.softmax(-1) if scoring == "softmax" else logits.sigmoid()
+    d_raw = d_gates * gate_scale
+    if renormalize:
+        raw = scores.gather(-1, ids) * (gates != 0)
+        total = raw.sum(-1, keepdim=True)
+        d_raw = (d_raw - (d_raw * raw).sum(-1, keepdim=True) / total) / total
+    d_raw = d_raw * (gates != 0) if top_p < 1.0 else d_raw
+    d_scores = torch.zeros_like(scores).scatter_add_(-1, ids, d_raw)
+    if scoring == "softmax":
+        return scores * (d_scores - (d_scores * scores).sum(-1, keepdim=True))
+    return d_scores * scores * (1 - scores)
+
+
+@moe_backward.register_fake
+def _(grad_out, x, router_input, w_router, b_router, w_in, b_in, w_out, b_out, const_experts, *config):
+    tensors = [x, router_input, w_router, b_router, w_in, b_in, w_out, b_out, const_experts]
+    return [x.new_empty(0) if t is None else torch.empty_like(t) for t in tensors]
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*[t if isinstance(t, Tensor) else None for t in inputs[:9]])
+    ctx.config = inputs[9:]
+
+
+def _backward(ctx, grad_out):
+    saved = ctx.saved_tensors
+    grads = torch.ops.moefx.moe_backward(grad_out.contiguous(), *saved, *ctx.config)
+    tensor_grads = [None if t is None else g for t, g in zip(saved, grads)]
+    return (*tensor_grads, *([None] * len(ctx.config)))
+
+
+moe.register_autograd(_backward, setup_context=_setup_context)
+
+
+def moe_op(
+    x: Tensor, router_input: Tensor, w_router: Tensor, b_router: Optional[Tensor],
+    w_in: Tensor, b_in: Optional[Tensor], w_out: Tensor, b_out: Optional[Tensor],
+    *, top_k: int, activation: str, gated: bool, scoring: str = "softmax", renormalize: bool = False,
+    top_p: float = 1.0, min_k: int = 1, gate_scale: float = 1.0, num_zero: int = 0, num_copy: int = 0,
+    const_experts: Optional[Tensor] = None,
+) -> Tensor:
+    """Validate the arguments against the contract, then call ``torch.ops.moefx.moe``."""
+    check_moe_args(x, router_input, w_router, b_router, w_in, b_in, w_out, b_out, const_experts, top_k,
+                   activation, gated, scoring, top_p, min_k, num_zero, num_copy)
+    return torch.ops.moefx.moe(x, router_input, w_router, b_router, w_in, b_in, w_out, b_out, const_experts,
+                               top_k, activation, gated, scoring, renormalize, top_p, min_k, gate_scale,
+                               num_zero, num_copy)
+
+
+def check_moe_args(x, router_input, w_router, b_router, w_in, b_in, w_out, b_out, const_experts, top_k,
+                   activation, gated, scoring, top_p, min_k, num_zero, num_copy) -> None:
+    """Raise a ValueError naming the first argument that breaks the contract."""
+    def fail(msg):
+        raise ValueError(f"moefx.moe: {msg}")
+
+    if x.dim() != 2 or router_input.dim() != 2 or router_input.shape[0] != x.shape[0]:
+        fail(f"x {tuple(x.shape)} and router_input {tuple(router_input.shape)} must be [T, H] and [T, Hr]; "
+             "flatten leading dimensions first")
+    num_experts, f_in, hidden = w_in.shape
+    num_const = 0 if const_experts is None else const_experts.shape[0]
+    total = num_experts + num_zero + num_copy + num_const
+    if hidden != x.shape[1]:
+        fail(f"w_in is [E, F_in, {hidden}] but x has {x.shape[1]} features")
+    if w_router.shape != (total, router_input.shape[1]):
+        fail(f"w_router is {tuple(w_router.shape)}, expected [{total}, {router_input.shape[1]}] "
+             f"({num_experts} experts + {total - num_experts} zero-computation experts)")
+    width = f_in // 2 if gated else f_in
+    if gated and f_in % 2:
+        fail(f"gated experts need interleaved gate/up rows, but w_in has an odd row count {f_in}")
+    if w_out.shape != (num_experts, hidden, width):
+        fail(f"w_out is {tuple(w_out.shape)}, expected [{num_experts}, {hidden}, {width}]")
+    for name, bias, shape in (("b_router", b_router, (total,)), ("b_in", b_in, (num_experts, f_in)),
+                              ("b_out", b_out, (num_experts, hidden)),
+                              ("const_experts", const_experts, (num_const, hidden))):
+        if bias is not None and tuple(bias.shape) != shape:
+            fail(f"{name} is {tuple(bias.shape)}, expected {list(shape)}")
+    if not 1 <= top_k <= total:
+        fail(f"top_k={top_k} must be between 1 and the number of experts ({total})")
+    if not 1 <= min_k <= top_k:
+        fail(f"min_k={min_k} must be between 1 and top_k={top_k}")
+    if not 0.0 < top_p <= 1.0 or math.isnan(top_p):
+        fail(f"top_p={top_p} must be in (0, 1]")
+    if activation not in ACTIVATIONS:
+        fail(f"activation {activation!r} is not one of {sorted(ACTIVATIONS)}")
+    if scoring not in SCORINGS:
+        fail(f"scoring {scoring!r} is not one of {SCORINGS}")
