@@ -1,0 +1,12 @@
+"""moefx: run dense PyTorch models as Mixture-of-Experts models.
+
+convert (moefx.convert) -> fuse (torch.ops.moefx.moe, moefx.codegen) -> compile
+(torch.compile(backend="moefx")) -> export (moefx.export_onnx).
+"""
+from moefx.convert import ConversionReport, convert
+from moefx.layer import MoELayer
+from moefx.op import moe_op
+from moefx.summary import Summary, summary
+
+__all__ = ["ConversionReport", "MoELayer", "Summary", "convert", "moe_op", "summary"]
+__version__ = "0.1.0"

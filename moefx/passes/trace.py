@@ -212,6 +212,8 @@ def trace_piece(module: nn.Module, call: RecordedCall, leaves: set[nn.Module], p
             owners[node.target.removeprefix("piece.")] = operator.attrgetter(node.target)(flat)
             node.target = node.target.removeprefix("piece.")
     gm = fx.GraphModule(owners, graph, class_name=type(module).__name__)
+    gm.graph.eliminate_dead_code()  # values read only to steer Python control flow while tracing
+    gm.recompile()
     gm.register_forward_pre_hook(_flatten_call(spec, piece), with_kwargs=True)
     if not reproduces(gm, call, piece):
         return None

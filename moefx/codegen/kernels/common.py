@@ -1,0 +1,52 @@
+"""Device helpers shared by the moefx kernels: activations and the zero-computation experts (MoE++)."""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def activate(a, ACTIVATION: tl.constexpr):
+    """relu | gelu | gelu_tanh | silu of an fp32 tile, as ``moefx.op.ACTIVATIONS``."""
+    if ACTIVATION == "relu":
+        return tl.maximum(a, 0.0)
+    elif ACTIVATION == "gelu":
+        return 0.5 * a * (1.0 + tl.erf(a * 0.7071067811865476))
+    elif ACTIVATION == "gelu_tanh":
+        # tanh(u) = 2 sigmoid(2u) - 1: exp overflows to inf for very negative u, giving the right limit -1.
+        u = 0.7978845608028654 * (a + 0.044715 * a * a * a)
+        return 0.5 * a * (1.0 + (2.0 / (1.0 + tl.exp(-2.0 * u)) - 1.0))
+    else:
+        return a / (1.0 + tl.exp(-a))
+
+
+@triton.jit
+def column(matrix, cols, k):
+    """Column ``k`` (runtime) of a [rows, cols] tile: Triton tiles have no dynamic indexing."""
+    return tl.sum(tl.where(cols[None, :] == k, matrix, 0), axis=1)
+
+
+@triton.jit
+def zero_computation_sum(x_ptr, const_ptr, ids, gates, rows, row_ok, hh, h_ok, stride_x, stride_c,
+                         NUM_ROUTED: tl.constexpr, NUM_ZERO: tl.constexpr, NUM_COPY: tl.constexpr,
+                         NUM_CHOICES: tl.constexpr, TOP_K: tl.constexpr, BLOCK_K: tl.constexpr):
+    """sum_k g_k f_k(x[t]) over the copy and constant experts among a row block's choices, [rows, hh] in fp32.
+
+    Zero experts add nothing and routed experts are left to the GEMMs."""
+    acc = tl.zeros([rows.shape[0], hh.shape[0]], tl.float32)
+    first_copy: tl.constexpr = NUM_ROUTED + NUM_ZERO
+    first_const: tl.constexpr = NUM_ROUTED + NUM_ZERO + NUM_COPY
+    if NUM_COPY > 0:
+        xs = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_x + hh[None, :],
+                     mask=row_ok[:, None] & h_ok[None, :], other=0.0).to(tl.float32)
+    kcols = tl.arange(0, BLOCK_K)
+    for k in range(TOP_K):
+        idk = column(ids, kcols, k)
+        gk = column(gates, kcols, k)
+        if NUM_COPY > 0:
+            is_copy = (idk >= first_copy) & (idk < first_const)
+            acc += tl.where(is_copy, gk, 0.0)[:, None] * xs
+        if NUM_CHOICES > first_const:
+            is_const = (idk >= first_const) & (idk < NUM_CHOICES)
+            const = tl.load(const_ptr + (idk - first_const).to(tl.int64)[:, None] * stride_c + hh[None, :],
+                            mask=(is_const & row_ok)[:, None] & h_ok[None, :], other=0.0).to(tl.float32)
+            acc += gk[:, None] * const
+    return acc

@@ -1,0 +1,200 @@
+"""``moefx.convert``: trace, find every dense FFN, rewrite each into an ``MoELayer``."""
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Optional
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from moefx.passes.calibrate import collect_hidden_stats, run_batch
+from moefx.passes.carve import METHODS, carved_layer, partition, upcycled_layer
+from moefx.passes.find_ffn import affine_map, find_ffns
+from moefx.passes.rewrite import replace_ffn
+from moefx.passes.trace import record_calls, trace_piece
+
+log = logging.getLogger("moefx")
+
+
+@dataclass
+class ConversionReport:
+    """What ``convert`` did: the FFNs it rewrote and, by name, what it could not convert and why."""
+
+    converted: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [f"converted {len(self.converted)} FFN(s)"] + [f"  {n}" for n in self.converted]
+        if self.skipped:
+            lines += [f"not converted ({len(self.skipped)}):"] + [f"  {s}" for s in self.skipped]
+        return "\n".join(lines)
+
+
+def call_model(model: nn.Module, batch: Any) -> Any:
+    """A calibration batch is a dict of keyword arguments, a tuple/list of positional ones, or one input."""
+    if isinstance(batch, dict):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
+
+
+def convert(
+    model: nn.Module,
+    num_experts: int = 8,
+    top_k: int = 2,
+    calibration: Optional[Iterable[Any]] = None,
+    *,
+    method: str = "split",
+    num_shared: int = 0,
+    inplace: bool = False,
+    sample_tokens: int = 2048,
+    seed: int = 0,
+    progress: bool = True,
+) -> nn.Module:
+    """Rewrite every dense FFN of ``model`` into an MoE layer and return the converted model.
+
+    Args:
+        num_experts: experts per layer, shared ones included; the FFN width must divide by it.
+        top_k: routed experts active per token (besides the ``num_shared`` shared ones).
+        calibration: model inputs (dict of kwargs, tuple of args, or a tensor). At least one is
+            needed to trace the model; ``coactivation`` and ``num_shared`` use all for statistics.
+        method: "split" (MoEfication k-means on W_in), "coactivation" (cluster by activation
+            pattern), or "upcycle" (copies of the FFN; sparse upcycling).
+        num_shared: experts made of the neurons with the highest activation rate, always active.
+        inplace: convert ``model`` itself instead of a copy (saves the copy's memory).
+        sample_tokens: hidden-activation rows kept per FFN for co-activation clustering.
+
+    With ``top_k == num_experts - num_shared`` the converted model computes what ``model`` does.
+    Use the returned module: when the whole model is one traced piece it is a new GraphModule.
+    """
+    _check_args(num_experts, top_k, method, num_shared)
+    batches = [] if calibration is None else list(calibration)
+    if not batches:
+        raise ValueError("moefx.convert: calibration is empty; pass at least one model input (e.g. "
+                         "calibration=[tokenizer(texts, return_tensors='pt')]): moefx traces the model on it"
+                         + ("" if method == "split" and not num_shared else
+                            f", and method={method!r}" + (f" with num_shared={num_shared}" if num_shared else "")
+                            + " computes neuron statistics from it"))
+    target = model if inplace else copy.deepcopy(model)
+    was_training = target.training
+    target.eval()
+    try:
+        converted, report = _convert(target, batches, num_experts, top_k, method, num_shared, sample_tokens, seed,
+                                     progress)
+    finally:
+        target.train(was_training)
+    converted.train(was_training)
+    converted.moefx_report = report
+    return converted
+
+
+def _check_args(num_experts: int, top_k: int, method: str, num_shared: int) -> None:
+    if method not in METHODS:
+        raise ValueError(f"moefx.convert: method={method!r} is not one of {METHODS}")
+    if num_experts < 1:
+        raise ValueError(f"moefx.convert: num_experts={num_experts} must be at least 1")
+    if not 0 <= num_shared < num_experts:
+        raise ValueError(f"moefx.convert: num_shared={num_shared} must be between 0 and num_experts - 1 "
+                         f"({num_experts - 1}): at least one expert must be routed")
+    if method == "upcycle" and num_shared:
+        raise ValueError("moefx.convert: method='upcycle' copies the whole FFN into each expert; num_shared applies "
+                         "to the carving methods 'split' and 'coactivation'")
+    routed = num_experts - num_shared
+    if not 1 <= top_k <= routed:
+        raise ValueError(f"moefx.convert: top_k={top_k} must be between 1 and the number of routed experts "
+                         f"({routed} = num_experts {num_experts} - num_shared {num_shared}); "
+                         f"use top_k={routed} to activate all of them")
+
+
+def _convert(model, batches, num_experts, top_k, method, num_shared, sample_tokens, seed, progress):
+    affine = _affine_leaves(model)
+    candidates = {name: m for name, m in model.named_modules()
+                  if next(m.children(), None) is not None and type(m).forward is not nn.Module.forward}
+    calls = record_calls(model, candidates, lambda: run_batch(lambda b: call_model(model, b), batches[0], 0))
+
+    leaves: set[nn.Module] = set()
+    pieces: dict[str, tuple] = {}
+    seen: set[str] = set()
+    report = ConversionReport()
+    untraced: dict[str, list[str]] = {}
+    for name in sorted(calls, key=lambda n: (-n.count(".") - bool(n), n)):
+        module = candidates[name]
+        inside = [a for a in affine if _within(a, name)]
+        if len(inside) < 2:
+            continue
+        gm = trace_piece(module, calls[name], leaves, name)
+        if gm is None:
+            leaves.add(module)
+            untraced[name] = inside
+            continue
+        prefix = f"{name}." if name else ""
+        seen.update(prefix + n.target for n in gm.graph.nodes if n.op == "call_module")
+        ffns, rejected = find_ffns(gm, name, affine)
+        report.skipped += [r for r in rejected if r not in report.skipped]
+        if ffns:
+            pieces[name] = (gm, ffns)
+            leaves.add(module)
+    for name, inside in untraced.items():
+        hidden = [a for a in inside if a not in seen]
+        if len(hidden) >= 2:
+            report.skipped.append(f"{name or '<model>'} ({type(model.get_submodule(name)).__name__}): does not trace, "
+                                  f"so its {len(hidden)} linear layers were not inspected")
+    ffns = [ffn for _, found in pieces.values() for ffn in found]
+    if not ffns:
+        raise ValueError(f"moefx.convert: found no dense FFN (Linear -> activation -> Linear, or a gated form) in "
+                         f"{type(model).__name__}; saw {len(affine)} linear layer(s)"
+                         + (f" ({', '.join(list(affine)[:6])}{', ...' if len(affine) > 6 else ''})" if affine else "")
+                         + ". " + ("; ".join(report.skipped) + ". " if report.skipped else "")
+                         + "moefx converts FFNs whose activation is one of relu, gelu, gelu_tanh, silu")
+    for ffn in ffns:
+        if ffn.width % num_experts:
+            divisors = [d for d in range(2, min(ffn.width, 129)) if ffn.width % d == 0]
+            raise ValueError(f"moefx.convert: {ffn.name} has {ffn.width} neurons, which do not split into "
+                             f"num_experts={num_experts} equal experts; pick num_experts from {divisors}")
+
+    stats = {}
+    if method == "coactivation" or num_shared:
+        with tqdm(total=len(batches), desc="moefx calibration", disable=not progress) as bar:
+            stats = collect_hidden_stats({f.name: f.out_module for f in ffns}, {f.name: f.width for f in ffns},
+                                         batches, lambda b: call_model(model, b), sample_tokens, bar)
+    with tqdm(total=len(ffns), desc=f"moefx {method}", disable=not progress) as bar:
+        for ffn in ffns:
+            if method == "upcycle":
+                layer = upcycled_layer(ffn, num_experts, top_k, seed)
+            else:
+                shared, groups = partition(ffn, stats.get(ffn.name), method, num_experts, num_shared, seed)
+                layer = carved_layer(ffn, shared, groups, top_k)
+            gm = pieces[ffn.piece][0]
+            moe_name = replace_ffn(gm, ffn, layer)
+            report.converted.append(f"{ffn.name} -> {_join(ffn.piece, moe_name)}")
+            bar.update(1)
+    for skipped in report.skipped:
+        log.warning("moefx.convert: not converted: %s", skipped)
+
+    for name, (gm, _) in sorted(pieces.items(), key=lambda item: -item[0].count(".")):
+        if not name:
+            return gm, report
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, gm)
+    return model, report
+
+
+def _affine_leaves(model: nn.Module) -> dict[str, tuple]:
+    found = {}
+    for name, module in model.named_modules():
+        weights = affine_map(module)
+        if weights is not None:
+            found[name] = weights
+    return found
+
+
+def _within(name: str, scope: str) -> bool:
+    return not scope or name.startswith(scope + ".")
+
+
+def _join(piece: str, name: str) -> str:
+    return f"{piece}.{name}" if piece else name

@@ -1,0 +1,214 @@
+"""``export_onnx``: write a moefx MoE model as ONNX, choosing per layer between onnxruntime's
+fused com.microsoft.MoE and standard ONNX ops (see ``translate.py``), then check the file in
+onnxruntime against PyTorch."""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import logging
+from collections import Counter
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import torch
+from torch.utils import _pytree as pytree
+
+from moefx.onnx.probe import probe_contrib
+from moefx.onnx.translate import (APPROXIMATIONS, MoEConfig, config_of, contrib_blocker, contrib_moe,
+                                  standard_moe)
+
+log = logging.getLogger(__name__)
+TARGETS = ("auto", "onnxruntime", "standard")
+DEFAULT_AXES = ("batch", "sequence")
+
+
+class UnsupportedLayerError(ValueError):
+    """A layer that ``target="onnxruntime"`` cannot emit as com.microsoft.MoE."""
+
+
+@dataclasses.dataclass
+class LayerExport:
+    """How one moefx::moe call was lowered, and why."""
+
+    index: int
+    config: MoEConfig
+    target: str
+    reason: str
+    approximated: bool = False
+
+
+@dataclasses.dataclass
+class ExportReport:
+    path: Path
+    layers: list[LayerExport]
+    node_counts: Counter
+    max_abs_error: Optional[float] = None
+
+    @property
+    def approximated(self) -> bool:
+        return any(layer.approximated for layer in self.layers)
+
+    def __str__(self) -> str:
+        lines = [f"{self.path}: {len(self.layers)} MoE layer(s), {sum(self.node_counts.values())} nodes"]
+        lines += [f"  layer {layer.index}: {layer.target:<11} {layer.config.describe()} ({layer.reason})"
+                  for layer in self.layers]
+        if self.max_abs_error is not None:
+            approx = " (includes the tanh-GELU approximation you asked for)" if self.approximated else ""
+            lines.append(f"  onnxruntime CPU vs PyTorch on the example inputs: max abs error "
+                         f"{self.max_abs_error:.2e}{approx}")
+        return "\n".join(lines)
+
+
+class MoETranslator:
+    """The translation of ``torch.ops.moefx.moe`` for torch.onnx's dynamo exporter; records each layer."""
+
+    def __init__(self, target: str, approximate: bool):
+        self.target, self.approximate = target, approximate
+        self.layers: list[LayerExport] = []
+        self.error: Optional[UnsupportedLayerError] = None
+
+    def __call__(self, x, router_input, w_router, b_router, w_in, b_in, w_out, b_out, const_experts, top_k,
+                 activation, gated, scoring, renormalize, top_p, min_k, gate_scale, num_zero, num_copy):
+        cfg = config_of(x, w_router, b_in, b_out, w_in, const_experts, top_k, activation, gated, scoring,
+                        renormalize, top_p, gate_scale, num_zero, num_copy)
+        target, reason = self._choose(cfg)
+        approximated = target == "onnxruntime" and self.approximate and cfg.activation in APPROXIMATIONS
+        self.layers.append(LayerExport(len(self.layers), cfg, target, reason, approximated))
+        if target == "onnxruntime":
+            return contrib_moe(x, router_input, w_router, b_router, w_in, b_in, w_out, b_out, cfg,
+                               self.approximate)
+        return standard_moe(x, router_input, w_router, b_router, w_in, b_in, w_out, b_out, const_experts,
+                            top_k, activation, gated, scoring, renormalize, top_p, min_k, gate_scale,
+                            num_zero, num_copy)
+
+    def _choose(self, cfg: MoEConfig) -> tuple[str, str]:
+        if self.target == "standard":
+            return "standard", "target='standard'"
+        blocker = contrib_blocker(cfg, self.approximate)
+        if blocker is None:
+            probe = probe_contrib(cfg, self.approximate)
+            if probe.ok:
+                return "onnxruntime", probe.detail
+            blocker = f"{probe.detail} for {cfg.describe()}"
+        if self.target == "onnxruntime":
+            self.error = UnsupportedLayerError(
+                f"MoE layer {len(self.layers)} ({cfg.describe()}) cannot be exported as com.microsoft.MoE: "
+                f"{blocker}. Export it with target='standard' (standard ONNX ops, any runtime) or "
+                "target='auto' (com.microsoft.MoE where it fits, standard ops elsewhere).")
+            raise self.error
+        return "standard", blocker
+
+
+def export_onnx(
+    model: torch.nn.Module,
+    example_inputs: Union[Sequence[Any], Mapping[str, Any], torch.Tensor],
+    path: Union[str, Path],
+    target: str = "auto",
+    *,
+    approximate: bool = False,
+    dynamic_axes: Optional[Mapping[str, Mapping[int, str]]] = None,
+    opset: int = 18,
+    verify: bool = True,
+) -> ExportReport:
+    """Export ``model`` (with moefx MoE layers) to ONNX at ``path``.
+
+    target: "onnxruntime" (each MoE layer one com.microsoft.MoE node; error for a layer it cannot
+    express), "standard" (standard ONNX ops only, any runtime), or "auto" (the contrib op where it
+    is exact and the installed onnxruntime runs it correctly, standard ops elsewhere).
+    approximate: let com.microsoft.MoE's tanh-GELU stand in for exact GELU; the report then
+    carries the error measured in onnxruntime. example_inputs: positional inputs (a tensor or a
+    tuple) or keyword inputs (a dict). dynamic_axes: {input name: {axis: dim name}}; by default
+    axes 0 and 1 of every input are dynamic ("batch", "sequence"). verify: run the file in
+    onnxruntime CPU on the example inputs and record the max abs error against PyTorch.
+    """
+    if target not in TARGETS:
+        raise ValueError(f"target={target!r} is not one of {TARGETS}")
+    args, kwargs = split_inputs(example_inputs)
+    translator = MoETranslator(target, approximate)
+    try:
+        program = torch.onnx.export(
+            model, args, kwargs=kwargs, dynamo=True, opset_version=opset, verbose=False,
+            custom_translation_table={torch.ops.moefx.moe.default: translator},
+            dynamic_shapes=dynamic_shapes(model, args, kwargs, dynamic_axes))
+    except Exception:
+        if translator.error is not None:
+            raise translator.error from None
+        raise
+    path = Path(path)
+    program.save(str(path))
+    report = ExportReport(path, translator.layers, count_nodes(program.model_proto))
+    if verify:
+        report.max_abs_error = max_abs_error(path, model, args, kwargs)
+    log.info("%s", report)
+    return report
+
+
+def split_inputs(example_inputs) -> tuple[tuple, dict]:
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,), {}
+    if isinstance(example_inputs, Mapping):
+        return (), dict(example_inputs)
+    return tuple(example_inputs), {}
+
+
+def dynamic_shapes(model: torch.nn.Module, args: tuple, kwargs: dict,
+                   dynamic_axes: Optional[Mapping[str, Mapping[int, str]]]) -> dict:
+    """torch.export dynamic shapes, by forward() parameter name, with one Dim per axis name."""
+    bound = inspect.signature(model.forward).bind(*args, **kwargs).arguments
+    dims: dict[str, torch.export.Dim] = {}
+    unknown = set(dynamic_axes or {}) - set(bound)
+    if unknown:
+        raise ValueError(f"dynamic_axes names {sorted(unknown)}, but the inputs are {sorted(bound)}")
+    shapes = {}
+    for name, value in bound.items():
+        if not isinstance(value, torch.Tensor):
+            shapes[name] = None
+            continue
+        axes = dict(enumerate(DEFAULT_AXES[:value.dim()])) if dynamic_axes is None else dynamic_axes.get(name, {})
+        for axis in axes:
+            if value.shape[axis] < 2:
+                raise ValueError(f"input {name!r} has size {value.shape[axis]} along dynamic axis {axis} "
+                                 f"({axes[axis]!r}); torch.export specializes sizes 0 and 1, so give an "
+                                 "example with at least 2 there")
+        shapes[name] = {axis: dims.setdefault(dim, torch.export.Dim(dim)) for axis, dim in axes.items()} or None
+    return shapes
+
+
+def count_nodes(model_proto) -> Counter:
+    """Node counts by "domain::op_type" ("::op_type" for the standard domain), subgraphs included."""
+    counts: Counter = Counter()
+
+    def visit(graph):
+        for node in graph.node:
+            counts[f"{node.domain}::{node.op_type}"] += 1
+            for attr in node.attribute:
+                for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                    visit(sub)
+    visit(model_proto.graph)
+    for function in model_proto.functions:
+        for node in function.node:
+            counts[f"{node.domain}::{node.op_type}"] += 1
+    return counts
+
+
+def run_onnx(path: Union[str, Path], *args, **kwargs) -> list[torch.Tensor]:
+    """Run the ONNX file in onnxruntime CPU with inputs given as the PyTorch model takes them."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    flat = [t for t in pytree.tree_leaves((args, kwargs)) if t is not None]
+    feeds = {i.name: t.detach().cpu().numpy() for i, t in zip(session.get_inputs(), flat)}
+    return [torch.from_numpy(out) for out in session.run(None, feeds)]
+
+
+def max_abs_error(path: Union[str, Path], model: torch.nn.Module, args: tuple = (), kwargs: Optional[dict] = None
+                  ) -> float:
+    """Max abs difference between onnxruntime CPU running ``path`` and PyTorch running ``model``."""
+    kwargs = kwargs or {}
+    with torch.no_grad():
+        expected = [t for t in pytree.tree_leaves(model(*args, **kwargs)) if isinstance(t, torch.Tensor)]
+    actual = run_onnx(path, *args, **kwargs)
+    if len(actual) != len(expected):
+        raise RuntimeError(f"{path} has {len(actual)} outputs but the model returns {len(expected)} tensors")
+    return max(float((a.float() - e.detach().float()).abs().max()) if e.numel() else 0.0
+               for a, e in zip(actual, expected))

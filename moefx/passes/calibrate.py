@@ -1,0 +1,80 @@
+"""Per-FFN statistics of the hidden activations on calibration data (CMoE, MoEfication).
+
+Collected by hooks on each FFN's output Linear, whose input is the hidden activation h, so a
+calibration forward keeps only running sums and a bounded token sample per FFN, never the
+activations of all layers at once.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class HiddenStats:
+    """Running statistics of one FFN's hidden activation h [tokens, F]."""
+
+    width: int
+    sample_limit: int
+    tokens: int = 0
+    active_count: Optional[Tensor] = None     # [F] tokens where |h_j| exceeds the token's mean |h|
+    abs_sum: Optional[Tensor] = None          # [F] sum of |h_j|
+    sample: list[Tensor] = field(default_factory=list)  # rows of h, at most sample_limit in all
+
+    def add(self, h: Tensor, where: str) -> None:
+        h = h.detach().reshape(-1, self.width).float()
+        if not torch.isfinite(h).all():
+            raise ValueError(f"moefx: the calibration activations of {where} contain NaN or inf; check the batch "
+                             "(and the model in fp32) before converting")
+        magnitude = h.abs()
+        active = (magnitude > magnitude.mean(-1, keepdim=True)).sum(0)
+        self.active_count = active if self.active_count is None else self.active_count + active
+        total = magnitude.sum(0)
+        self.abs_sum = total if self.abs_sum is None else self.abs_sum + total
+        room = self.sample_limit - sum(len(s) for s in self.sample)
+        if room > 0:
+            self.sample.append(h[:room].clone())
+        self.tokens += h.shape[0]
+
+    @property
+    def activation_rate(self) -> Tensor:
+        return self.active_count / max(self.tokens, 1)
+
+    @property
+    def samples(self) -> Tensor:
+        return torch.cat(self.sample)
+
+
+def collect_hidden_stats(targets: dict[str, nn.Module], widths: dict[str, int], batches: Iterable[Any],
+                         run: Callable[[Any], Any], sample_limit: int, progress) -> dict[str, HiddenStats]:
+    """Run every calibration batch once; ``targets`` maps an FFN's name to its output Linear."""
+    stats = {name: HiddenStats(widths[name], sample_limit) for name in targets}
+    current = {"batch": -1}
+    handles = []
+    for name, module in targets.items():
+        def hook(mod, args, name=name):
+            stats[name].add(args[0], f"{name} (calibration batch {current['batch']})")
+        handles.append(module.register_forward_pre_hook(hook))
+    try:
+        for index, batch in enumerate(batches):
+            current["batch"] = index
+            run_batch(run, batch, index)
+            progress.update(1)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return stats
+
+
+def run_batch(run: Callable[[Any], Any], batch: Any, index: int) -> Any:
+    """Call the model on one calibration batch, naming the batch if the model rejects it."""
+    try:
+        with torch.no_grad():
+            return run(batch)
+    except Exception as error:
+        raise ValueError(f"moefx: the model rejected calibration batch {index} ({type(error).__name__}: {error}); "
+                         "each batch must be a model input: a tensor, a tuple of positional arguments, or a dict "
+                         "of keyword arguments") from error
