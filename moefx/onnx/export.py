@@ -67,6 +67,8 @@ class MoETranslator:
         self.layers: list[LayerExport] = []
         self.error: Optional[UnsupportedLayerError] = None
 
+    __name__ = "moefx_moe"  # torch.onnx names the translation after it
+
     def __call__(self, x, router_input, w_router, b_router, w_in, b_in, w_out, b_out, const_experts, top_k,
                  activation, gated, scoring, renormalize, top_p, min_k, gate_scale, num_zero, num_copy):
         cfg = config_of(x, w_router, b_in, b_out, w_in, const_experts, top_k, activation, gated, scoring,

@@ -48,9 +48,12 @@ class MoEConfig:
     has_b_out: bool
 
     def describe(self) -> str:
-        kind = "gated " if self.gated else ""
-        return (f"{self.num_experts} experts top-{self.top_k} {kind}{self.activation}, {self.scoring} scoring"
-                f"{', renormalized' if self.renormalize else ''}")
+        extras = [f"{self.scoring} scoring"] + ["renormalized"] * self.renormalize
+        extras += [f"dynamic-k top_p={self.top_p}"] * (self.top_p < 1.0)
+        extras += [f"gate_scale={self.gate_scale}"] * (self.gate_scale != 1.0)
+        zero_computation = self.num_zero + self.num_copy + self.num_const
+        extras += [f"{zero_computation} zero-computation experts"] * bool(zero_computation)
+        return f"{self.num_experts} experts top-{self.top_k} {'gated ' * self.gated}{self.activation}, {', '.join(extras)}"
 
 
 # activation -> com.microsoft.MoE activation_type, by gated; tanh-GELU because that is what
