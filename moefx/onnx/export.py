@@ -67,9 +67,7 @@ class MoETranslator:
         self.layers: list[LayerExport] = []
         self.error: Optional[UnsupportedLayerError] = None
 
-    __name__ = "moefx_moe"  # torch.onnx names the translation after it
-
-    def __call__(self, x, router_input, w_router, b_router, w_in, b_in, w_out, b_out, const_experts, top_k,
+    def translate(self, x, router_input, w_router, b_router, w_in, b_in, w_out, b_out, const_experts, top_k,
                  activation, gated, scoring, renormalize, top_p, min_k, gate_scale, num_zero, num_copy):
         cfg = config_of(x, w_router, b_in, b_out, w_in, const_experts, top_k, activation, gated, scoring,
                         renormalize, top_p, gate_scale, num_zero, num_copy)
@@ -127,10 +125,14 @@ def export_onnx(
         raise ValueError(f"target={target!r} is not one of {TARGETS}")
     args, kwargs = split_inputs(example_inputs)
     translator = MoETranslator(target, approximate)
+
+    def moefx_moe(*op_args):  # torch.onnx wants a plain function to tag with its signature
+        return translator.translate(*op_args)
+
     try:
         program = torch.onnx.export(
             model, args, kwargs=kwargs, dynamo=True, opset_version=opset, verbose=False,
-            custom_translation_table={torch.ops.moefx.moe.default: translator},
+            custom_translation_table={torch.ops.moefx.moe.default: moefx_moe},
             dynamic_shapes=dynamic_shapes(model, args, kwargs, dynamic_axes))
     except Exception:
         if translator.error is not None:
