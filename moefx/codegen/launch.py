@@ -1,7 +1,8 @@
 """Launch wrappers: buffers, grids and configs for the moefx kernels; ``moe_triton`` runs the op.
 
 Launches, none of them preceded by a host sync (CUDA-graph safe):
-  decode  (T <= decode_max_tokens): router -> decode_up -> decode_down (combine fused, deterministic)
+  decode  (T <= decode_max_tokens): router_logits -> decode_up -> decode_down (each program selects its
+           token's experts from the logits; combine fused, deterministic)
   grouped: router -> permute -> grouped_up -> grouped_down (float atomics into y, initialised by the router)
   grouped, ``torch.use_deterministic_algorithms(True)``: ... -> grouped_down (slot rows) -> combine
 Kernels go through ``torch.library.wrap_triton`` so that the ``moefx::moe_triton`` op traces them.
@@ -20,7 +21,7 @@ from moefx.codegen.kernels.combine import combine_kernel
 from moefx.codegen.kernels.decode import decode_down_kernel, decode_up_kernel
 from moefx.codegen.kernels.grouped import grouped_down_kernel, grouped_up_kernel
 from moefx.codegen.kernels.permute import permute_kernel
-from moefx.codegen.kernels.router import router_kernel
+from moefx.codegen.kernels.router import router_kernel, router_logits_kernel
 from moefx.op import moe_reference
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -82,39 +83,45 @@ def moe_triton(
     # Absent optional tensors: the constexpr flags keep the kernels from touching the stand-in.
     b_router_, b_in_, b_out_, const_ = (x if t is None else t for t in (b_router, b_in, b_out, const_experts))
     stride_c, stride_b_in, stride_b_out = (0 if t is None else t.stride(0) for t in (const_experts, b_in, b_out))
-    zero_computation = dict(NUM_ROUTED=num_routed, NUM_ZERO=num_zero, NUM_COPY=num_copy, NUM_CHOICES=num_choices,
-                            TOP_K=top_k)
+    zero_computation = dict(NUM_ROUTED=num_routed, NUM_ZERO=num_zero, NUM_COPY=num_copy)
+    routing = dict(NUM_CHOICES=num_choices, TOP_K=top_k, MIN_K=min_k, SCORING=scoring, RENORMALIZE=renormalize,
+                   DYNAMIC_K=top_p < 1.0)
+    inter = torch.empty(num_slots, width, dtype=x.dtype, device=device)
+    if decode:
+        lcfg, ucfg, dcfg = cfg["router_logits"], cfg["decode_up"], cfg["decode_down"]
+        logits = torch.empty(num_tokens, num_choices, dtype=torch.float32, device=device)
+        wrap_triton(router_logits_kernel)[(triton.cdiv(num_choices, lcfg["BLOCK_R"]),)](
+            router_input, w_router, b_router_, logits, num_tokens, router_input.shape[1], router_input.stride(0),
+            w_router.stride(0), logits.stride(0), NUM_CHOICES=num_choices, HAS_BIAS=b_router is not None,
+            BLOCK_R=lcfg["BLOCK_R"], BLOCK_H=lcfg["BLOCK_H"], num_warps=lcfg["num_warps"])
+        block_n = _decode_block_n(ucfg, num_slots, width, device)
+        wrap_triton(decode_up_kernel)[(num_slots, triton.cdiv(width, block_n))](
+            x, w_in, b_in_, logits, inter, num_tokens, top_p, gate_scale, hidden, width, x.stride(0),
+            w_in.stride(0), w_in.stride(1), stride_b_in, logits.stride(0), inter.stride(0), NUM_ROUTED=num_routed,
+            **routing, ACTIVATION=activation, GATED=gated, HAS_BIAS=b_in is not None, BLOCK_E=block_e,
+            BLOCK_K_CHOICES=block_k, BLOCK_N=block_n, BLOCK_K=ucfg["BLOCK_K"], **_launch_options(ucfg))
+        block_n = _decode_block_n(dcfg, num_tokens, hidden, device)
+        wrap_triton(decode_down_kernel)[(num_tokens, triton.cdiv(hidden, block_n))](
+            inter, w_out, b_out_, logits, x, const_, out, num_tokens, top_p, gate_scale, hidden, width,
+            inter.stride(0), w_out.stride(0), w_out.stride(1), stride_b_out, logits.stride(0), x.stride(0), stride_c,
+            out.stride(0), NUM_ROUTED=num_routed, NUM_ZERO=num_zero, NUM_COPY=num_copy, **routing,
+            HAS_BIAS=b_out is not None, BLOCK_E=block_e, BLOCK_K_CHOICES=block_k, BLOCK_N=block_n,
+            BLOCK_K=dcfg["BLOCK_K"], **_launch_options(dcfg))
+        return out
 
     ids = torch.empty(num_tokens, top_k, dtype=torch.int32, device=device)
     gates = torch.empty(num_tokens, top_k, dtype=torch.float32, device=device)
     rcfg = cfg["router"]
     num_blocks = triton.cdiv(num_tokens, rcfg["BLOCK_T"])
-    rank = torch.empty(0 if decode else num_slots, dtype=torch.int32, device=device)
-    block_counts = torch.empty(0 if decode else num_blocks * block_e, dtype=torch.int32, device=device)
+    rank = torch.empty(num_slots, dtype=torch.int32, device=device)
+    block_counts = torch.empty(num_blocks * block_e, dtype=torch.int32, device=device)
     wrap_triton(router_kernel)[(num_blocks,)](
         router_input, w_router, b_router_, x, const_, out, ids, gates, rank, block_counts,
         num_tokens, router_input.shape[1], hidden, router_input.stride(0), w_router.stride(0), x.stride(0), stride_c,
-        out.stride(0), top_p, gate_scale, **zero_computation, MIN_K=min_k, SCORING=scoring, RENORMALIZE=renormalize,
-        DYNAMIC_K=top_p < 1.0, HAS_BIAS=b_router is not None,
+        out.stride(0), top_p, gate_scale, **zero_computation, **routing, HAS_BIAS=b_router is not None,
         FP32_DOT=not (router_input.dtype == w_router.dtype and router_input.dtype in (torch.float16, torch.bfloat16)),
-        WRITE_RANK=not decode, INIT_OUT=atomic, BLOCK_T=rcfg["BLOCK_T"], BLOCK_H=rcfg["BLOCK_H"], BLOCK_E=block_e,
-        BLOCK_K=block_k, BLOCK_X=rcfg["BLOCK_X"], num_warps=rcfg["num_warps"])
-
-    inter = torch.empty(num_slots, width, dtype=x.dtype, device=device)
-    if decode:
-        ucfg, dcfg = cfg["decode_up"], cfg["decode_down"]
-        block_n = _decode_block_n(ucfg, num_slots, width, device)
-        wrap_triton(decode_up_kernel)[(num_slots, triton.cdiv(width, block_n))](
-            x, w_in, b_in_, ids, inter, num_tokens, hidden, width, x.stride(0), w_in.stride(0), w_in.stride(1),
-            stride_b_in, inter.stride(0), NUM_ROUTED=num_routed, TOP_K=top_k, ACTIVATION=activation, GATED=gated,
-            HAS_BIAS=b_in is not None, BLOCK_N=block_n, BLOCK_K=ucfg["BLOCK_K"], **_launch_options(ucfg))
-        block_n = _decode_block_n(dcfg, num_tokens, hidden, device)
-        wrap_triton(decode_down_kernel)[(num_tokens, triton.cdiv(hidden, block_n))](
-            inter, w_out, b_out_, ids, gates, x, const_, out, num_tokens, hidden, width, inter.stride(0),
-            w_out.stride(0), w_out.stride(1), stride_b_out, x.stride(0), stride_c, out.stride(0), **zero_computation,
-            HAS_BIAS=b_out is not None, BLOCK_N=block_n, BLOCK_K=dcfg["BLOCK_K"], BLOCK_TOPK=block_k,
-            **_launch_options(dcfg))
-        return out
+        INIT_OUT=atomic, BLOCK_T=rcfg["BLOCK_T"], BLOCK_H=rcfg["BLOCK_H"], BLOCK_E=block_e, BLOCK_K=block_k,
+        BLOCK_X=rcfg["BLOCK_X"], num_warps=rcfg["num_warps"])
 
     sorted_slot = torch.empty(num_slots, dtype=torch.int32, device=device)
     expert_counts = torch.empty(block_e, dtype=torch.int32, device=device)
@@ -142,8 +149,8 @@ def moe_triton(
     ccfg = cfg["combine"]
     wrap_triton(combine_kernel)[(triton.cdiv(num_tokens, ccfg["BLOCK_T"]), triton.cdiv(hidden, ccfg["BLOCK_X"]))](
         slot_out, ids, gates, x, const_, out, num_tokens, hidden, slot_out.stride(0), x.stride(0), stride_c,
-        out.stride(0), **zero_computation, BLOCK_T=ccfg["BLOCK_T"], BLOCK_X=ccfg["BLOCK_X"], BLOCK_K=block_k,
-        num_warps=ccfg["num_warps"])
+        out.stride(0), **zero_computation, NUM_CHOICES=num_choices, TOP_K=top_k, BLOCK_T=ccfg["BLOCK_T"],
+        BLOCK_X=ccfg["BLOCK_X"], BLOCK_K=block_k, num_warps=ccfg["num_warps"])
     return out
 
 

@@ -22,6 +22,7 @@ HOPPER = {
     "router": [(64, dict(BLOCK_T=16, BLOCK_H=128, BLOCK_X=256, num_warps=4)),
                (_ANY, dict(BLOCK_T=64, BLOCK_H=64, BLOCK_X=128, num_warps=4))],
     "permute": [(_ANY, dict(BLOCK_B=32, num_warps=4))],
+    "router_logits": [(_ANY, dict(BLOCK_R=4, BLOCK_H=512, num_warps=4))],
     # Decode GEMVs: the column block shrinks until every SM has `programs_per_sm` programs.
     "decode_up": [(_ANY, dict(BLOCK_N=(8, 64), BLOCK_K=256, programs_per_sm=2, num_warps=4, num_stages=4))],
     "decode_down": [(_ANY, dict(BLOCK_N=(8, 64), BLOCK_K=256, programs_per_sm=2, num_warps=4, num_stages=4))],
@@ -44,6 +45,7 @@ INTERPRETER = {
     "decode_max_tokens": 2,
     "router": [(_ANY, dict(BLOCK_T=16, BLOCK_H=32, BLOCK_X=32, num_warps=1))],
     "permute": [(_ANY, dict(BLOCK_B=4, num_warps=1))],
+    "router_logits": [(_ANY, dict(BLOCK_R=4, BLOCK_H=32, num_warps=1))],
     "decode_up": [(_ANY, dict(BLOCK_N=(16, 32), BLOCK_K=32, programs_per_sm=1, num_warps=1, num_stages=1))],
     "decode_down": [(_ANY, dict(BLOCK_N=(16, 32), BLOCK_K=32, programs_per_sm=1, num_warps=1, num_stages=1))],
     "up": [(_ANY, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, num_warps=1, num_stages=1))],

@@ -50,3 +50,49 @@ def zero_computation_sum(x_ptr, const_ptr, ids, gates, rows, row_ok, hh, h_ok, s
                             mask=(is_const & row_ok)[:, None] & h_ok[None, :], other=0.0).to(tl.float32)
             acc += gk[:, None] * const
     return acc
+
+
+@triton.jit
+def select_experts(logits, col_ok, top_p, gate_scale, NUM_CHOICES: tl.constexpr, TOP_K: tl.constexpr,
+                   MIN_K: tl.constexpr, SCORING: tl.constexpr, RENORMALIZE: tl.constexpr, DYNAMIC_K: tl.constexpr,
+                   BLOCK_K: tl.constexpr):
+    """Choices ([rows, BLOCK_K] int32) and gates (fp32) from fp32 router logits [rows, BLOCK_E].
+
+    Softmax | sigmoid | unit scoring, top-k (ties to the lower expert id), dynamic-k (Huang et
+    al. 2024: keep choice r while r < min_k or the softmax mass before it is < top_p; a dropped
+    choice gets gate 0 and id NUM_CHOICES, past every expert), renormalisation, gate_scale."""
+    cols = tl.arange(0, logits.shape[1])
+    logits = tl.where(col_ok[None, :], logits, float("-inf"))
+    if SCORING == "softmax" or DYNAMIC_K:
+        probs = tl.exp(logits - tl.max(logits, axis=1)[:, None])
+        probs = probs / tl.sum(probs, axis=1)[:, None]
+    if SCORING == "softmax":
+        scores = tl.where(col_ok[None, :], probs, float("-inf"))
+    elif SCORING == "sigmoid":
+        scores = tl.where(col_ok[None, :], 1.0 / (1.0 + tl.exp(-logits)), float("-inf"))
+    else:
+        scores = logits
+
+    kcols = tl.arange(0, BLOCK_K)
+    ids = tl.zeros([logits.shape[0], BLOCK_K], tl.int32)
+    gates = tl.zeros([logits.shape[0], BLOCK_K], tl.float32)
+    mass_before = tl.zeros([logits.shape[0]], tl.float32)
+    for k in range(TOP_K):
+        best = tl.max(scores, axis=1)
+        idx = tl.min(tl.where(scores == best[:, None], cols[None, :], logits.shape[1]), axis=1)
+        hit = cols[None, :] == idx[:, None]
+        scores = tl.where(hit, float("-inf"), scores)
+        if SCORING == "unit":
+            gate = tl.full([logits.shape[0]], 1.0, tl.float32)
+        else:
+            gate = best
+        if DYNAMIC_K:
+            keep = (k < MIN_K) | (mass_before < top_p)
+            mass_before += tl.sum(tl.where(hit, probs, 0.0), axis=1)
+            gate = tl.where(keep, gate, 0.0)
+            idx = tl.where(keep, idx, NUM_CHOICES)
+        ids = tl.where(kcols[None, :] == k, idx[:, None], ids)
+        gates = tl.where(kcols[None, :] == k, gate[:, None], gates)
+    if RENORMALIZE:
+        gates = gates / tl.sum(gates, axis=1)[:, None]
+    return ids, gates * gate_scale
