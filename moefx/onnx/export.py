@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import logging
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
@@ -130,10 +131,13 @@ def export_onnx(
         return translator.translate(*op_args)
 
     try:
-        program = torch.onnx.export(
-            model, args, kwargs=kwargs, dynamo=True, opset_version=opset, verbose=False,
-            custom_translation_table={torch.ops.moefx.moe.default: moefx_moe},
-            dynamic_shapes=dynamic_shapes(model, args, kwargs, dynamic_axes))
+        with warnings.catch_warnings():
+            # torch.onnx notes that inputs sharing a Dim share its name: that is the point of sharing it
+            warnings.filterwarnings("ignore", message="# The axis name")
+            program = torch.onnx.export(
+                model, args, kwargs=kwargs, dynamo=True, opset_version=opset, verbose=False,
+                custom_translation_table={torch.ops.moefx.moe.default: moefx_moe},
+                dynamic_shapes=dynamic_shapes(model, args, kwargs, dynamic_axes))
     except Exception:
         if translator.error is not None:
             raise translator.error from None

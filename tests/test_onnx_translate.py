@@ -1,0 +1,184 @@
+"""ONNX translations of moefx::moe on one-layer models: every contract feature through the standard
+ops, the expressible ones through com.microsoft.MoE, run in onnxruntime CPU at shapes other than
+the example's (dynamic batch and sequence axes)."""
+import pytest
+import torch
+from torch import nn
+
+from moefx.op import moe_op
+from moefx.onnx import UnsupportedLayerError, count_nodes, export_onnx, run_onnx
+from moefx.onnx.probe import probe_contrib
+from moefx.onnx.translate import MoEConfig, contrib_blocker
+
+HIDDEN, WIDTH = 16, 8
+EXAMPLE = (2, 3)
+CHECK_SHAPES = ((3, 5), (1, 9))
+CONTRIB = "com.microsoft::MoE"
+
+
+class OneLayer(nn.Module):
+    """A moefx::moe call on [batch, seq, hidden] inputs, optionally routed from a second input."""
+
+    def __init__(self, num_experts=4, top_k=2, activation="relu", gated=False, scoring="softmax",
+                 renormalize=False, top_p=1.0, min_k=1, gate_scale=1.0, num_zero=0, num_copy=0, num_const=0,
+                 bias=True, pre_gating=False, seed=0):
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        total = num_experts + num_zero + num_copy + num_const
+        rows = 2 * WIDTH if gated else WIDTH
+
+        def param(*shape, scale=1.0):
+            return nn.Parameter(torch.randn(*shape, generator=gen) * scale)
+
+        self.w_router, self.b_router = param(total, HIDDEN), param(total) if bias else None
+        self.w_in, self.b_in = param(num_experts, rows, HIDDEN, scale=HIDDEN ** -0.5), param(num_experts, rows) if bias else None
+        self.w_out, self.b_out = param(num_experts, HIDDEN, WIDTH, scale=WIDTH ** -0.5), param(num_experts, HIDDEN) if bias else None
+        self.const_experts = param(num_const, HIDDEN) if num_const else None
+        self.pre_gating = pre_gating
+        self.config = dict(top_k=top_k, activation=activation, gated=gated, scoring=scoring, renormalize=renormalize,
+                           top_p=top_p, min_k=min_k, gate_scale=gate_scale, num_zero=num_zero, num_copy=num_copy)
+
+    def forward(self, x, route_from):
+        flat = x.reshape(-1, HIDDEN)
+        router_input = route_from.reshape(-1, HIDDEN) if self.pre_gating else flat
+        y = moe_op(flat, router_input, self.w_router, self.b_router, self.w_in, self.b_in, self.w_out, self.b_out,
+                   const_experts=self.const_experts, **self.config)
+        return torch.tanh(y).reshape(x.shape)  # an op after the MoE, as in a real model
+
+
+def inputs(batch, seq, dtype=torch.float32):
+    return torch.randn(batch, seq, HIDDEN).to(dtype), torch.randn(batch, seq, HIDDEN).to(dtype)
+
+
+def assert_matches_pytorch(path, model, tol=1e-4, dtype=torch.float32):
+    for shape in CHECK_SHAPES:
+        args = inputs(*shape, dtype)
+        expected = model(*args).detach()
+        actual = run_onnx(path, *args)[0]
+        assert actual.shape == expected.shape
+        err = (actual.float() - expected.float()).abs().max().item()
+        assert err <= tol, f"max abs error {err:.2e} at batch, seq = {shape}"
+
+
+EVERY_FEATURE = {
+    "relu": dict(),
+    "silu_renormalized": dict(activation="silu", renormalize=True),
+    "gelu_tanh": dict(activation="gelu_tanh"),
+    "swiglu": dict(activation="silu", gated=True, renormalize=True),
+    "gate_scale_no_bias": dict(activation="silu", gated=True, gate_scale=2.5, bias=False),
+    "pre_gating": dict(pre_gating=True, renormalize=True),
+    "top_1": dict(top_k=1),
+    "exact_gelu": dict(activation="gelu"),
+    "geglu": dict(activation="gelu_tanh", gated=True),
+    "reglu": dict(activation="relu", gated=True),
+    "carved_unit": dict(scoring="unit", top_k=3, activation="gelu"),
+    "sigmoid": dict(scoring="sigmoid", renormalize=True),
+    "dynamic_k": dict(top_k=3, top_p=0.6, min_k=1),
+    "zero_computation": dict(num_zero=1, num_copy=1, num_const=1, top_k=3, renormalize=True),
+}
+CONTRIB_EXPRESSIBLE = ("relu", "silu_renormalized", "gelu_tanh", "swiglu", "gate_scale_no_bias", "pre_gating",
+                       "top_1")
+
+
+class Stack(nn.Module):
+    """One layer per configuration, applied in turn: one export covers them all."""
+
+    def __init__(self, configs):
+        super().__init__()
+        self.layers = nn.ModuleList(OneLayer(**cfg, seed=i) for i, cfg in enumerate(configs))
+
+    def forward(self, x, route_from):
+        for layer in self.layers:
+            x = layer(x, route_from)
+        return x
+
+
+def test_standard_ops_match_pytorch_for_every_contract_feature(tmp_path):
+    model = Stack(EVERY_FEATURE.values()).eval()
+    report = export_onnx(model, inputs(*EXAMPLE), tmp_path / "m.onnx", target="standard")
+    assert [layer.target for layer in report.layers] == ["standard"] * len(EVERY_FEATURE)
+    assert not any(op.startswith("com.microsoft::") for op in report.node_counts)
+    assert report.max_abs_error <= 1e-4
+    assert_matches_pytorch(tmp_path / "m.onnx", model)
+
+
+def test_contrib_op_is_one_node_per_layer_and_matches_pytorch(tmp_path):
+    model = Stack(EVERY_FEATURE[name] for name in CONTRIB_EXPRESSIBLE).eval()
+    report = export_onnx(model, inputs(*EXAMPLE), tmp_path / "m.onnx", target="onnxruntime")
+    assert report.node_counts[CONTRIB] == len(CONTRIB_EXPRESSIBLE)
+    assert [layer.target for layer in report.layers] == ["onnxruntime"] * len(CONTRIB_EXPRESSIBLE)
+    assert_matches_pytorch(tmp_path / "m.onnx", model)
+
+
+def config(**overrides) -> MoEConfig:
+    base = dict(num_experts=4, top_k=2, activation="silu", gated=True, scoring="softmax", renormalize=True,
+                top_p=1.0, gate_scale=1.0, num_zero=0, num_copy=0, num_const=0, dtype="FLOAT", has_b_in=True,
+                has_b_out=True)
+    return MoEConfig(**{**base, **overrides})
+
+
+@pytest.mark.parametrize("overrides, attribute", [
+    (dict(scoring="unit"), "scoring='unit'"), (dict(scoring="sigmoid"), "scoring='sigmoid'"),
+    (dict(top_p=0.6), "top_p=0.6"), (dict(num_zero=1), "num_zero=1"), (dict(num_const=2), "num_const=2"),
+    (dict(gated=False, activation="gelu"), "activation='gelu'"), (dict(activation="relu"), "activation='relu'"),
+    (dict(dtype="DOUBLE"), "dtype DOUBLE")])
+def test_contrib_blocker_names_the_attribute(overrides, attribute):
+    assert attribute in contrib_blocker(config(**overrides), approximate=False)
+
+
+def test_contrib_blocker_accepts_what_the_op_expresses():
+    assert contrib_blocker(config(), approximate=False) is None
+    assert contrib_blocker(config(gate_scale=2.0, has_b_in=False), approximate=False) is None
+    assert contrib_blocker(config(gated=False, activation="gelu"), approximate=True) is None
+
+
+def test_carved_layer_with_target_onnxruntime_is_a_clear_error(tmp_path):
+    model = Stack([EVERY_FEATURE["swiglu"], EVERY_FEATURE["carved_unit"]]).eval()
+    with pytest.raises(UnsupportedLayerError, match="MoE layer 1 .*scoring='unit'.*target='standard'"):
+        export_onnx(model, inputs(*EXAMPLE), tmp_path / "m.onnx", target="onnxruntime")
+
+
+def test_auto_follows_the_probe_per_layer(tmp_path):
+    """auto: contrib where expressible and the installed onnxruntime agrees (GEGLU depends on the build)."""
+    names = ("swiglu", "carved_unit", "geglu")
+    model = Stack(EVERY_FEATURE[name] for name in names).eval()
+    report = export_onnx(model, inputs(*EXAMPLE), tmp_path / "m.onnx", target="auto")
+    geglu_runs = probe_contrib(report.layers[2].config, approximate=False).ok
+    expected = ["onnxruntime", "standard", "onnxruntime" if geglu_runs else "standard"]
+    assert [layer.target for layer in report.layers] == expected, [layer.reason for layer in report.layers]
+    assert report.node_counts[CONTRIB] == expected.count("onnxruntime")
+    assert_matches_pytorch(tmp_path / "m.onnx", model)
+
+
+def test_exact_gelu_goes_to_contrib_only_when_asked_and_reports_the_deviation(tmp_path):
+    model = OneLayer(activation="gelu").eval()
+    exact = export_onnx(model, inputs(*EXAMPLE), tmp_path / "exact.onnx", target="auto")
+    assert exact.layers[0].target == "standard" and not exact.approximated
+    approx = export_onnx(model, inputs(*EXAMPLE), tmp_path / "approx.onnx", target="auto", approximate=True)
+    assert approx.layers[0].target == "onnxruntime" and approx.approximated
+    assert 0 < approx.max_abs_error < 1e-2  # tanh-GELU is measurably, but only slightly, off
+    assert "approximation" in str(approx)
+
+
+def test_standard_graph_does_not_grow_with_the_number_of_experts(tmp_path):
+    counts = [export_onnx(OneLayer(num_experts=e, activation="silu", gated=True).eval(), inputs(*EXAMPLE),
+                          tmp_path / f"{e}.onnx", target="standard", verify=False).node_counts for e in (4, 32)]
+    assert counts[0] == counts[1]
+
+
+def test_fp16_model_exports_with_fp32_accumulation(tmp_path):
+    """fp16 weights and activations; compared with the same weights in fp32."""
+    model = Stack([EVERY_FEATURE["swiglu"]] * 2).eval().half()
+    reference = Stack([EVERY_FEATURE["swiglu"]] * 2).eval().half().float()
+    report = export_onnx(model, inputs(*EXAMPLE, torch.float16), tmp_path / "m.onnx", target="auto", verify=False)
+    assert report.node_counts[CONTRIB] == 2
+    args = inputs(3, 5, torch.float16)
+    err = (run_onnx(tmp_path / "m.onnx", *args)[0].float() - reference(*(a.float() for a in args))).abs().max()
+    assert err < 1e-2
+
+
+def test_bad_target_and_size_one_dynamic_axis_are_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="target='tensorrt'"):
+        export_onnx(OneLayer().eval(), inputs(*EXAMPLE), tmp_path / "m.onnx", target="tensorrt")
+    with pytest.raises(ValueError, match="at least 2"):
+        export_onnx(OneLayer().eval(), inputs(1, 4), tmp_path / "m.onnx")
