@@ -124,8 +124,9 @@ def _convert(model, batches, num_experts, top_k, method, num_shared, sample_toke
     for name in sorted(calls, key=lambda n: (-n.count(".") - bool(n), n)):
         module = candidates[name]
         inside = [a for a in affine if _within(a, name)]
-        if len(inside) < 2:
-            continue
+        opaque = [n for n, m in candidates.items() if m in leaves and _within(n, name)]
+        if len([a for a in inside if not any(_within(a, o) for o in opaque)]) < 2:
+            continue  # every linear layer left is inside an FFN piece or an opaque module
         gm = trace_piece(module, calls[name], leaves, name)
         if gm is None:
             leaves.add(module)

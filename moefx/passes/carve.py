@@ -45,21 +45,22 @@ def balanced_kmeans(features: Tensor, clusters: int, iterations: int = 25, seed:
 
 
 def _assign_with_capacity(scores: Tensor, capacity: int) -> Tensor:
-    """Greedy assignment by descending score, each cluster taking at most ``capacity`` rows."""
+    """Each row to its best cluster that has room; a full cluster keeps its highest-scoring rows."""
     n, clusters = scores.shape
-    order = scores.flatten().argsort(descending=True).tolist()
-    labels = [-1] * n
-    room = [capacity] * clusters
-    left = n
-    for flat in order:
-        row, cluster = divmod(flat, clusters)
-        if labels[row] < 0 and room[cluster]:
-            labels[row] = cluster
-            room[cluster] -= 1
-            left -= 1
-            if not left:
-                break
-    return torch.tensor(labels)
+    labels = torch.full((n,), -1, dtype=torch.long)
+    room = torch.full((clusters,), capacity, dtype=torch.long)
+    scores = scores.clone()
+    while (free := labels < 0).any():
+        scores[:, room == 0] = float("-inf")
+        choice = scores.argmax(1)
+        for cluster in range(clusters):
+            rows = torch.nonzero(free & (choice == cluster)).flatten()
+            if len(rows) == 0:
+                continue
+            taken = rows[scores[rows, cluster].argsort(descending=True)[: int(room[cluster])]]
+            labels[taken] = cluster
+            room[cluster] -= len(taken)
+    return labels
 
 
 def partition(ffn: FFN, stats: Optional[HiddenStats], method: str, num_experts: int, num_shared: int,

