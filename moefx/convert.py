@@ -176,12 +176,22 @@ def _convert(model, batches, num_experts, top_k, method, num_shared, sample_toke
     for skipped in report.skipped:
         log.warning("moefx.convert: not converted: %s", skipped)
 
-    for name, (gm, _) in sorted(pieces.items(), key=lambda item: -item[0].count(".")):
+    return _install(model, {name: gm for name, (gm, _) in pieces.items()}), report
+
+
+def _install(model: nn.Module, pieces: dict[str, nn.Module]) -> nn.Module:
+    """Put each rewritten piece where its module was: inside the nearest enclosing piece (whose
+    graph calls the original module as a leaf), or in the model."""
+    for name in sorted(pieces, key=lambda n: (-n.count(".") - bool(n), n)):
         if not name:
-            return gm, report
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, gm)
-    return model, report
+            return pieces[name]
+        enclosing = [a for a in pieces if a != name and _within(name, a)]
+        owner_name = max(enclosing, key=len) if enclosing else None
+        owner = model if owner_name is None else pieces[owner_name]
+        relative = name if not owner_name else name[len(owner_name) + 1:]
+        parent, _, child = relative.rpartition(".")
+        setattr(owner.get_submodule(parent), child, pieces[name])
+    return model
 
 
 def _affine_leaves(model: nn.Module) -> dict[str, tuple]:

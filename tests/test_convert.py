@@ -1,0 +1,169 @@
+"""moefx.convert on real architectures: FFNs found by pattern, exact at all experts active."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import moefx
+from moefx.layer import MoELayer
+from tests.conftest import main_output, relative_error
+
+METHODS = [("split", 0), ("coactivation", 1), ("upcycle", 0)]
+
+
+def _run(model, inputs):
+    with torch.no_grad():
+        return main_output(model(**inputs))
+
+
+@pytest.mark.parametrize("method,num_shared", METHODS, ids=[f"{m}-shared{s}" for m, s in METHODS])
+def test_exact_with_all_experts_active_on_every_architecture(architecture, method, num_shared):
+    name, model, make_inputs, num_ffns, activation = architecture
+    g = torch.Generator().manual_seed(1)
+    calibration = [make_inputs(g) for _ in range(2)]
+    held_out = make_inputs(g)
+    reference = _run(model, held_out)
+    moe = moefx.convert(model, num_experts=4, top_k=4 - num_shared, calibration=calibration, method=method,
+                        num_shared=num_shared, progress=False)
+    layers = [m for m in moe.modules() if isinstance(m, MoELayer)]
+    assert len(layers) == num_ffns, moefx.summary(moe)
+    assert {layer.activation for layer in layers} == {activation}
+    assert relative_error(_run(moe, held_out), reference) <= 1e-5
+
+
+def test_fewer_experts_active_runs_and_summary_counts_them(architecture):
+    name, model, make_inputs, num_ffns, _ = architecture
+    g = torch.Generator().manual_seed(2)
+    moe = moefx.convert(model, num_experts=4, top_k=1, calibration=[make_inputs(g)], num_shared=1,
+                        method="coactivation", progress=False)
+    out = _run(moe, make_inputs(g))
+    assert torch.isfinite(out).all()
+    summary = moefx.summary(moe)
+    assert len(summary.layers) == num_ffns
+    # 1 routed + 1 shared expert of 4 equal experts: half the FFN's neurons
+    assert summary.active_fraction == pytest.approx(0.5)
+    layer = summary.layers[0]
+    assert layer.active_params < layer.total_params
+
+
+def test_gated_and_plain_ffns_with_and_without_bias_in_plain_modules():
+    class GLU(torch.nn.Module):
+        def __init__(self, bias):
+            super().__init__()
+            self.gate, self.up = torch.nn.Linear(16, 32, bias=bias), torch.nn.Linear(16, 32, bias=bias)
+            self.down = torch.nn.Linear(32, 16, bias=bias)
+
+        def forward(self, x):
+            return x + self.down(torch.nn.functional.gelu(self.gate(x)) * self.up(x))
+
+    for bias in (True, False):
+        model = torch.nn.Sequential(torch.nn.Linear(16, 64, bias=bias), torch.nn.ReLU(), torch.nn.Dropout(0.1),
+                                    torch.nn.Linear(64, 16, bias=bias), GLU(bias))
+        x = torch.randn(5, 16)
+        moe = moefx.convert(model, num_experts=8, top_k=8, calibration=[x], progress=False)
+        found = [m for m in moe.modules() if isinstance(m, MoELayer)]
+        assert sorted((m.activation, m.gated) for m in found) == [("gelu", True), ("relu", False)]
+        assert relative_error(moe(x), model.eval()(x)) <= 1e-5
+
+
+def test_convert_copies_unless_inplace():
+    from transformers import LlamaConfig, LlamaForCausalLM
+    model = LlamaForCausalLM(LlamaConfig(num_hidden_layers=1, hidden_size=32, intermediate_size=64,
+                                         num_attention_heads=2, num_key_value_heads=1, vocab_size=50))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    batch = {"input_ids": torch.randint(0, 50, (1, 6))}
+    moe = moefx.convert(model, num_experts=4, top_k=2, calibration=[batch], progress=False)
+    assert moe is not model
+    assert type(model.model.layers[0].mlp).__name__ == "LlamaMLP"
+    assert before.keys() == model.state_dict().keys()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert model.training  # the caller's mode is untouched
+    same = moefx.convert(model, num_experts=4, top_k=2, calibration=[batch], inplace=True, progress=False)
+    assert same is model and isinstance(model.model.layers[0].mlp.moe, MoELayer)
+
+
+def test_converted_llm_generates_and_keeps_its_class():
+    from transformers import LlamaConfig, LlamaForCausalLM
+    model = LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64,
+                                         num_attention_heads=2, num_key_value_heads=1, vocab_size=50)).eval()
+    batch = {"input_ids": torch.randint(0, 50, (1, 6))}
+    moe = moefx.convert(model, num_experts=4, top_k=4, calibration=[batch], progress=False)
+    assert isinstance(moe, LlamaForCausalLM)
+    want = model.generate(**batch, max_new_tokens=5, do_sample=False)
+    assert torch.equal(moe.generate(**batch, max_new_tokens=5, do_sample=False), want)
+
+
+def test_backward_reaches_experts_and_matches_dense_gradients():
+    model = torch.nn.Sequential(torch.nn.Linear(12, 24), torch.nn.GELU(), torch.nn.Linear(24, 12)).double()
+    x = torch.randn(6, 12, dtype=torch.float64)
+    moe = moefx.convert(model, num_experts=4, top_k=4, calibration=[x], progress=False)
+    layer = next(m for m in moe.modules() if isinstance(m, MoELayer))
+    moe(x).square().sum().backward()
+    model(x).square().sum().backward()
+    dense_grad = model[0].weight.grad
+    assert layer.w_in.grad is not None
+    # each expert's w_in rows are a slice of the dense W_in: their gradients are the same slices
+    for e in range(4):
+        rows = torch.stack([torch.nonzero((model[0].weight == r).all(1)).flatten()[0] for r in layer.w_in[e]])
+        assert torch.allclose(layer.w_in.grad[e], dense_grad[rows], atol=1e-10)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(top_k=9), "top_k=9 must be between 1"),
+    (dict(num_experts=5, top_k=2), "do not split into num_experts=5"),
+    (dict(method="kmeans"), "method='kmeans' is not one of"),
+    (dict(num_shared=8), "num_shared=8 must be between"),
+    (dict(num_shared=1, top_k=8), "top_k=8 must be between 1 and the number of routed experts (7"),
+    (dict(method="upcycle", num_shared=1), "num_shared applies to the carving methods"),
+])
+def test_bad_arguments_name_the_problem(kwargs, message):
+    model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
+    args = dict(num_experts=8, top_k=2, calibration=[torch.randn(2, 8)], progress=False) | kwargs
+    with pytest.raises(ValueError, match=_literal(message)):
+        moefx.convert(model, **args)
+
+
+def _literal(text: str) -> str:
+    import re
+    return re.escape(text)
+
+
+def test_model_without_ffn_says_what_it_saw():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 8))
+    with pytest.raises(ValueError, match=r"found no dense FFN .* saw 2 linear layer\(s\) \(0, 2\)"):
+        moefx.convert(model, calibration=[torch.randn(2, 8)], progress=False)
+
+
+def test_empty_calibration_and_rejected_batch_and_nan_activations():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
+    with pytest.raises(ValueError, match="calibration is empty.*computes neuron statistics"):
+        moefx.convert(model, calibration=[], method="coactivation", progress=False)
+    with pytest.raises(ValueError, match="calibration is empty"):
+        moefx.convert(model, calibration=None, progress=False)
+    with pytest.raises(ValueError, match="rejected calibration batch 1"):
+        moefx.convert(model, calibration=[torch.randn(2, 8), torch.randn(2, 5)], method="coactivation",
+                      progress=False)
+    bad = torch.randn(2, 8)
+    bad[0, 0] = math.nan
+    with pytest.raises(ValueError, match=r"activations of 2 \(calibration batch 1\) contain NaN"):
+        moefx.convert(model, calibration=[torch.randn(2, 8), bad], method="coactivation", progress=False)
+
+
+def test_unconvertible_shapes_are_reported_by_name():
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ffn = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.SiLU(), torch.nn.Linear(32, 8))
+            self.up, self.act, self.down = torch.nn.Linear(8, 32), torch.nn.Tanh(), torch.nn.Linear(32, 8)
+            self.a, self.b = torch.nn.Linear(8, 16), torch.nn.Linear(16, 4)
+
+        def forward(self, x):
+            h = torch.relu(self.a(x))
+            return self.ffn(x) + self.down(self.act(self.up(x))) + self.b(h).sum(-1, keepdim=True)
+
+    moe = moefx.convert(Block(), num_experts=4, top_k=2, calibration=[torch.randn(3, 8)], progress=False)
+    report = moe.moefx_report
+    assert report.converted == ["ffn.2 -> ffn.moe"]
+    assert any(s.startswith("b: widths do not chain") for s in report.skipped)
