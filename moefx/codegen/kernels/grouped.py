@@ -38,44 +38,48 @@ def grouped_up_kernel(
 ):
     """inter[r] = act(x[token(r)] @ w_in[e].T + b_in[e]) (gated: act(gate) * up), in sorted row order."""
     expert, rows, row_ok = expert_tile(tl.program_id(0), counts_ptr, offsets_ptr, NUM_ROUTED, BLOCK_E, BLOCK_M)
-    if expert < NUM_ROUTED:
-        # The gather happens in the A-load: no permuted copy of x is ever written.
-        slots = tl.load(sorted_slot_ptr + rows, mask=row_ok, other=0)
-        tokens = (slots // TOP_K).to(tl.int64)
-        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        col_ok = cols < width
-        w_expert = w_ptr + expert.to(tl.int64) * stride_we
-        # Gated rows interleave: gate j is row 2j, up j is row 2j + 1.
-        first_row = cols * 2 if GATED else cols
-        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        for k0 in range(0, hidden, BLOCK_K):
-            kk = k0 + tl.arange(0, BLOCK_K)
-            k_ok = kk < hidden
-            a = tl.load(x_ptr + tokens[:, None] * stride_x + kk[None, :], mask=row_ok[:, None] & k_ok[None, :],
-                        other=0.0)
-            w_mask = k_ok[:, None] & col_ok[None, :]
-            w = tl.load(w_expert + first_row[None, :] * stride_wn + kk[:, None], mask=w_mask, other=0.0)
-            if FP32_DOT:
-                acc = tl.dot(a, w, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(a, w, acc)
-            if GATED:
-                w_up = tl.load(w_expert + (first_row + 1)[None, :] * stride_wn + kk[:, None], mask=w_mask, other=0.0)
-                if FP32_DOT:
-                    acc_up = tl.dot(a, w_up, acc_up, input_precision="ieee")
-                else:
-                    acc_up = tl.dot(a, w_up, acc_up)
-        if HAS_BIAS:
-            b_expert = b_ptr + expert.to(tl.int64) * stride_be
-            acc += tl.load(b_expert + first_row, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-            if GATED:
-                acc_up += tl.load(b_expert + first_row + 1, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        h = activate(acc, ACTIVATION)
+    if expert >= NUM_ROUTED:
+        return
+    # The gather happens in the A-load: no permuted copy of x is ever written. Rows past the
+    # tile's end and columns past the width are clamped in bounds (their results are never
+    # stored), so the K loop masks only the tail of H.
+    slots = tl.load(sorted_slot_ptr + rows, mask=row_ok, other=0)
+    tokens = (slots // TOP_K).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < width
+    # Gated rows interleave: gate j is row 2j, up j is row 2j + 1.
+    first_row = (cols % width) * 2 if GATED else cols % width
+    kk = tl.arange(0, BLOCK_K)
+    a_ptrs = x_ptr + tokens[:, None] * stride_x + kk[None, :]
+    w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + first_row[None, :] * stride_wn + kk[:, None]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, hidden, BLOCK_K):
+        k_ok = kk < hidden - k0
+        a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
+        if FP32_DOT:
+            acc = tl.dot(a, w, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, w, acc)
         if GATED:
-            h = h * acc_up
-        tl.store(inter_ptr + rows.to(tl.int64)[:, None] * stride_inter + cols[None, :],
-                 h.to(inter_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+            w_up = tl.load(w_ptrs + stride_wn, mask=k_ok[:, None], other=0.0)
+            if FP32_DOT:
+                acc_up = tl.dot(a, w_up, acc_up, input_precision="ieee")
+            else:
+                acc_up = tl.dot(a, w_up, acc_up)
+        a_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    if HAS_BIAS:
+        b_expert = b_ptr + expert.to(tl.int64) * stride_be
+        acc += tl.load(b_expert + first_row, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        if GATED:
+            acc_up += tl.load(b_expert + first_row + 1, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    h = activate(acc, ACTIVATION)
+    if GATED:
+        h = h * acc_up
+    tl.store(inter_ptr + rows.to(tl.int64)[:, None] * stride_inter + cols[None, :],
+             h.to(inter_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit
@@ -88,31 +92,34 @@ def grouped_down_kernel(
 ):
     """g * (inter[r] @ w_out[e].T + b_out[e]), added into out[token] (ATOMIC) or stored at its slot row."""
     expert, rows, row_ok = expert_tile(tl.program_id(0), counts_ptr, offsets_ptr, NUM_ROUTED, BLOCK_E, BLOCK_M)
-    if expert < NUM_ROUTED:
-        rows64 = rows.to(tl.int64)
-        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        col_ok = cols < hidden
-        w_expert = w_ptr + expert.to(tl.int64) * stride_we
-        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        for k0 in range(0, width, BLOCK_K):
-            kk = k0 + tl.arange(0, BLOCK_K)
-            k_ok = kk < width
-            a = tl.load(inter_ptr + rows64[:, None] * stride_inter + kk[None, :], mask=row_ok[:, None] & k_ok[None, :],
-                        other=0.0)
-            w = tl.load(w_expert + cols[None, :] * stride_wn + kk[:, None], mask=k_ok[:, None] & col_ok[None, :],
-                        other=0.0)
-            if FP32_DOT:
-                acc = tl.dot(a, w, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(a, w, acc)
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + expert.to(tl.int64) * stride_be + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        slots = tl.load(sorted_slot_ptr + rows, mask=row_ok, other=0)
-        acc = acc * tl.load(gates_ptr + slots, mask=row_ok, other=0.0)[:, None]
-        mask = row_ok[:, None] & col_ok[None, :]
-        if ATOMIC:
-            tokens = (slots // TOP_K).to(tl.int64)
-            tl.atomic_add(out_ptr + tokens[:, None] * stride_out + cols[None, :], acc.to(out_ptr.dtype.element_ty),
-                          mask=mask, sem="relaxed")
+    if expert >= NUM_ROUTED:
+        return
+    # Rows past the tile's end read row 0 of the buffer and columns wrap: never stored.
+    rows64 = tl.where(row_ok, rows, 0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < hidden
+    kk = tl.arange(0, BLOCK_K)
+    a_ptrs = inter_ptr + rows64[:, None] * stride_inter + kk[None, :]
+    w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + (cols % hidden)[None, :] * stride_wn + kk[:, None]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, width, BLOCK_K):
+        k_ok = kk < width - k0
+        a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
+        if FP32_DOT:
+            acc = tl.dot(a, w, acc, input_precision="ieee")
         else:
-            tl.store(out_ptr + slots.to(tl.int64)[:, None] * stride_out + cols[None, :], acc, mask=mask)
+            acc = tl.dot(a, w, acc)
+        a_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + expert.to(tl.int64) * stride_be + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    slots = tl.load(sorted_slot_ptr + rows, mask=row_ok, other=0)
+    acc = acc * tl.load(gates_ptr + slots, mask=row_ok, other=0.0)[:, None]
+    mask = row_ok[:, None] & col_ok[None, :]
+    if ATOMIC:
+        tokens = (slots // TOP_K).to(tl.int64)
+        tl.atomic_add(out_ptr + tokens[:, None] * stride_out + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+                      mask=mask, sem="relaxed")
+    else:
+        tl.store(out_ptr + slots.to(tl.int64)[:, None] * stride_out + cols[None, :], acc, mask=mask)
