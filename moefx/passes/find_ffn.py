@@ -34,12 +34,28 @@ class FFN:
     output_node: fx.Node
     nodes: list[fx.Node]       # every node the MoE layer replaces
     out_module: nn.Module      # the output Linear: its input is the FFN's hidden activation
-    w_in: Tensor               # [F, H], or gated: [2F, H] with gate/up rows interleaved
-    b_in: Optional[Tensor]
+    in_maps: list[tuple[Tensor, Optional[Tensor]]]  # (W [F, H], b) of the input Linear, or of gate and up
     w_out: Tensor              # [H, F]
     b_out: Optional[Tensor]
     activation: str
     gated: bool
+
+    @property
+    def w_in(self) -> Tensor:
+        """[F, H], or gated: [2F, H] with gate/up rows interleaved (a new tensor when gated)."""
+        if not self.gated:
+            return self.in_maps[0][0]
+        (w_gate, _), (w_up, _) = self.in_maps
+        return torch.stack([w_gate, w_up], 1).reshape(-1, w_gate.shape[1])
+
+    @property
+    def b_in(self) -> Optional[Tensor]:
+        if not self.gated:
+            return self.in_maps[0][1]
+        (w_gate, b_gate), (w_up, b_up) = self.in_maps
+        if b_gate is None and b_up is None:
+            return None
+        return torch.stack([_or_zeros(b_gate, w_gate), _or_zeros(b_up, w_up)], 1).reshape(-1)
 
     @property
     def width(self) -> int:
@@ -159,7 +175,7 @@ def find_ffns(gm: fx.GraphModule, piece: str, affine: dict[str, tuple]) -> tuple
                 rejected.append(f"{name}: the hidden activation is also used outside the FFN")
                 continue
             chain += [hidden, in_node]
-            w_in, b_in, x, gated = in_map[0], in_map[1], in_node.args[0], False
+            in_maps, x, gated = [in_map], in_node.args[0], False
         elif hidden.op in ("call_function", "call_method") and hidden.target in _MUL_TARGETS and len(hidden.args) == 2:
             match = _gated_branches(hidden, gm, linear)
             if match is None:
@@ -169,20 +185,16 @@ def find_ffns(gm: fx.GraphModule, piece: str, affine: dict[str, tuple]) -> tuple
                 rejected.append(f"{name}: a gated branch is also used outside the FFN")
                 continue
             chain += [hidden, act_node, gate_node, up_node]
-            (w_gate, b_gate), (w_up, b_up) = linear(gate_node), linear(up_node)
-            w_in = torch.stack([w_gate, w_up], 1).reshape(-1, w_gate.shape[1])
-            b_in = None
-            if b_gate is not None or b_up is not None:
-                b_in = torch.stack([_or_zeros(b_gate, w_gate), _or_zeros(b_up, w_up)], 1).reshape(-1)
-            x, gated = gate_node.args[0], True
+            in_maps, x, gated = [linear(gate_node), linear(up_node)], gate_node.args[0], True
         else:
             continue
         w_out, b_out = out_map
-        if w_out.shape[1] * (2 if gated else 1) != w_in.shape[0] or w_in.shape[1] != w_out.shape[0]:
-            rejected.append(f"{name}: widths do not chain ({tuple(w_in.shape)} then {tuple(w_out.shape)}); "
+        shapes = {tuple(w.shape) for w, _ in in_maps}
+        if shapes != {(w_out.shape[1], w_out.shape[0])}:
+            rejected.append(f"{name}: widths do not chain ({' and '.join(map(str, shapes))} then {tuple(w_out.shape)}); "
                             "moefx converts FFNs whose output width equals their input width")
             continue
-        found.append(FFN(piece, name, x, out_node, chain, gm.get_submodule(out_node.target), w_in, b_in, w_out,
+        found.append(FFN(piece, name, x, out_node, chain, gm.get_submodule(out_node.target), in_maps, w_out,
                          b_out, kind, gated))
     return found, rejected
 
