@@ -125,6 +125,8 @@ def export_onnx(
     if target not in TARGETS:
         raise ValueError(f"target={target!r} is not one of {TARGETS}")
     args, kwargs = split_inputs(example_inputs)
+    shapes = dynamic_shapes(model, args, kwargs, dynamic_axes)
+    exported = with_moe_blocks_rewritten(model, args, kwargs, shapes)
     translator = MoETranslator(target, approximate)
 
     def moefx_moe(*op_args):  # torch.onnx wants a plain function to tag with its signature
@@ -135,9 +137,8 @@ def export_onnx(
             # torch.onnx notes that inputs sharing a Dim share its name: that is the point of sharing it
             warnings.filterwarnings("ignore", message="# The axis name")
             program = torch.onnx.export(
-                model, args, kwargs=kwargs, dynamo=True, opset_version=opset, verbose=False,
-                custom_translation_table={torch.ops.moefx.moe.default: moefx_moe},
-                dynamic_shapes=dynamic_shapes(model, args, kwargs, dynamic_axes))
+                exported, args, kwargs=kwargs, dynamo=True, opset_version=opset, verbose=False,
+                custom_translation_table={torch.ops.moefx.moe.default: moefx_moe}, dynamic_shapes=shapes)
     except Exception:
         if translator.error is not None:
             raise translator.error from None
@@ -149,6 +150,28 @@ def export_onnx(
         report.max_abs_error = max_abs_error(path, model, args, kwargs)
     log.info("%s", report)
     return report
+
+
+def with_moe_blocks_rewritten(model: torch.nn.Module, args: tuple, kwargs: dict, shapes: dict) -> torch.nn.Module:
+    """``model`` itself, or, when it holds stacked expert weights outside moefx layers (transformers'
+    Mixtral, Qwen2/3-MoE, OLMoE blocks), its Dynamo graph with those blocks rewritten into moefx::moe
+    calls by ``moefx.passes.moe_blocks``, the pass the compile backend uses."""
+    from moefx.layer import MoELayer
+    from moefx.passes.moe_blocks import rewrite_moe_blocks
+
+    in_moefx_layers = {id(p) for m in model.modules() if isinstance(m, MoELayer) for p in m.parameters()}
+    if not any(p.dim() == 3 and id(p) not in in_moefx_layers for p in model.parameters()):
+        return model
+    try:
+        gm, _ = torch._dynamo.export(model, dynamic_shapes=shapes)(*args, **kwargs)
+    except Exception as error:
+        raise RuntimeError(
+            f"moefx ONNX export: {type(model).__name__} holds stacked expert weights, so moefx captures it with "
+            "Dynamo to rewrite its MoE blocks, and the capture failed (a graph break?). transformers MoE models "
+            "must use experts_implementation='grouped_mm' (the default) or 'batched_mm'.") from error
+    rewritten = rewrite_moe_blocks(gm)
+    log.info("moefx ONNX export: rewrote %d MoE block(s) of %s into moefx::moe", rewritten, type(model).__name__)
+    return gm if rewritten else model
 
 
 def split_inputs(example_inputs) -> tuple[tuple, dict]:
