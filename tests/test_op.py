@@ -1,0 +1,129 @@
+"""The op contract (moefx/op.py): reference against the formula, autograd, compile, export."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moefx.op import ACTIVATIONS, moe_op
+from tests.conftest import relative_error
+
+
+def formula(x, w_router, b_router, w_in, b_in, w_out, b_out, const, top_k, activation, gated, scoring, renormalize,
+            top_p, min_k, gate_scale, num_zero, num_copy):
+    """The docstring's formula, token by token, in float64."""
+    E = w_in.shape[0]
+    out = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        logits = w_router @ x[t] + (0 if b_router is None else b_router)
+        probs = logits.softmax(-1)
+        s = {"softmax": probs, "sigmoid": logits.sigmoid(), "unit": torch.ones_like(logits)}[scoring]
+        chosen = (logits if scoring == "unit" else s).topk(top_k).indices.tolist()
+        kept = [e for r, e in enumerate(chosen) if r < min_k or probs[chosen[:r]].sum() < top_p]
+        total = sum(s[e] for e in kept)
+        for e in kept:
+            g = (s[e] / total if renormalize else s[e]) * gate_scale
+            if e < E:
+                a = w_in[e] @ x[t] + (0 if b_in is None else b_in[e])
+                h = ACTIVATIONS[activation](a[0::2]) * a[1::2] if gated else ACTIVATIONS[activation](a)
+                y = w_out[e] @ h + (0 if b_out is None else b_out[e])
+            elif e < E + num_zero:
+                y = torch.zeros_like(x[t])
+            elif e < E + num_zero + num_copy:
+                y = x[t]
+            else:
+                y = const[e - E - num_zero - num_copy]
+            out[t] += g * y
+    return out
+
+
+CASES = [
+    dict(scoring="softmax", renormalize=True, gated=True, activation="silu", bias=False),
+    dict(scoring="softmax", renormalize=False, gated=False, activation="gelu", bias=True),
+    dict(scoring="sigmoid", renormalize=True, gated=False, activation="relu", bias=True, gate_scale=2.5),
+    dict(scoring="unit", renormalize=False, gated=True, activation="gelu_tanh", bias=True),
+    dict(scoring="softmax", renormalize=True, gated=True, activation="silu", bias=False, top_p=0.5, min_k=1),
+    dict(scoring="softmax", renormalize=False, gated=False, activation="relu", bias=False, num_zero=1, num_copy=1,
+         num_const=2),
+]
+
+
+def _inputs(case, T=9, H=10, Fw=6, E=5, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    z = case.get("num_zero", 0) + case.get("num_copy", 0) + case.get("num_const", 0)
+    rows = 2 * Fw if case["gated"] else Fw
+    r = lambda *s: torch.randn(*s, generator=g, dtype=dtype)  # noqa: E731
+    bias = case["bias"]
+    return dict(x=r(T, H), w_router=r(E + z, H), b_router=r(E + z) if bias else None, w_in=r(E, rows, H),
+                b_in=r(E, rows) if bias else None, w_out=r(E, H, Fw), b_out=r(E, H) if bias else None,
+                const=r(case["num_const"], H) if case.get("num_const") else None)
+
+
+def _config(case, top_k=3):
+    return dict(top_k=top_k, activation=case["activation"], gated=case["gated"], scoring=case["scoring"],
+                renormalize=case["renormalize"], top_p=case.get("top_p", 1.0), min_k=case.get("min_k", 1),
+                gate_scale=case.get("gate_scale", 1.0), num_zero=case.get("num_zero", 0),
+                num_copy=case.get("num_copy", 0))
+
+
+def _call(t, cfg):
+    return moe_op(t["x"], t["x"], t["w_router"], t["b_router"], t["w_in"], t["b_in"], t["w_out"], t["b_out"],
+                  const_experts=t["const"], **cfg)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c['scoring']}-{c['activation']}-gated{c['gated']}")
+def test_reference_equals_the_docstring_formula(case):
+    t, cfg = _inputs(case), _config(case)
+    want = formula(t["x"], t["w_router"], t["b_router"], t["w_in"], t["b_in"], t["w_out"], t["b_out"], t["const"],
+                   **cfg)
+    assert relative_error(_call(t, cfg), want) <= 1e-12
+    x32 = {k: None if v is None else v.float() for k, v in t.items()}
+    assert relative_error(_call(x32, cfg), want) <= 1e-5
+
+
+@pytest.mark.parametrize("case", CASES[:3] + CASES[4:], ids=lambda c: f"{c['scoring']}-{c['activation']}")
+def test_analytic_backward_passes_gradcheck(case):
+    t = _inputs(case, T=4, H=5, Fw=3, E=4)
+    names = [k for k, v in t.items() if v is not None]
+    cfg = _config(case, top_k=2)
+
+    def f(*tensors):
+        return _call(dict(t, **dict(zip(names, tensors))), cfg)
+    assert torch.autograd.gradcheck(f, [t[k].requires_grad_() for k in names])
+
+
+def test_compiles_without_graph_break_and_exports_as_one_op():
+    case = CASES[0]
+    t, cfg = _inputs(case, dtype=torch.float32), _config(case)
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(lambda x: _call(dict(t, x=x), cfg))(t["x"])
+    assert explanation.graph_break_count == 0
+    compiled = torch.compile(lambda x: _call(dict(t, x=x), cfg), fullgraph=True)
+    assert relative_error(compiled(t["x"]), _call(t, cfg)) <= 1e-6
+
+    class Layer(torch.nn.Module):
+        def forward(self, x):
+            return _call(dict(t, x=x), cfg)
+
+    program = torch.export.export(Layer(), (t["x"],))
+    targets = [n.target for n in program.graph.nodes if n.op == "call_function"]
+    assert targets.count(torch.ops.moefx.moe.default) == 1
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(top_k=6), "top_k=6 must be between 1 and the number of experts (5)"),
+    (dict(activation="tanh"), "activation 'tanh' is not one of"),
+    (dict(scoring="softplus"), "scoring 'softplus' is not one of"),
+    (dict(min_k=4), "min_k=4 must be between 1 and top_k=3"),
+    (dict(top_p=0.0), "top_p=0.0 must be in (0, 1]"),
+])
+def test_bad_arguments_are_named(change, message):
+    t, cfg = _inputs(CASES[0], dtype=torch.float32), _config(CASES[0])
+    with pytest.raises(ValueError, match=__import__("re").escape(message)):
+        _call(t, cfg | change)
+
+
+def test_shape_mismatch_is_named():
+    t, cfg = _inputs(CASES[0], dtype=torch.float32), _config(CASES[0])
+    with pytest.raises(ValueError, match=r"w_out is \(5, 10, 5\), expected \[5, 10, 6\]"):
+        _call(dict(t, w_out=t["w_out"][..., :5]), cfg)
