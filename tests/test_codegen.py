@@ -205,6 +205,63 @@ def test_triton_op_has_the_op_schema_and_traces_without_host_sync():
         assert "moefx.moe_triton" in gm.code
 
 
+SM90_SHAPES = {"qwen3-30b-a3b": (2048, 768, 128, 8), "mixtral": (4096, 14336, 8, 2)}
+
+
+def meta_args(hidden, width, experts, top_k, tokens, dtype=torch.bfloat16):
+    """Op arguments on the meta device: shapes and dtypes only, nothing allocated."""
+    def empty(*shape):
+        return torch.empty(*shape, dtype=dtype, device="meta")
+    x = empty(tokens, hidden)
+    return (x, x, empty(experts, hidden), None, empty(experts, 2 * width, hidden), None, empty(experts, hidden, width),
+            None, None, top_k, "silu", True, "softmax", True, 1.0, 1, 1.0, 0, 0)
+
+
+@pytest.mark.parametrize("tokens, deterministic, kernels", [
+    (1, False, ["router_logits_kernel", "decode_up_kernel", "decode_down_kernel"]),
+    (4096, False, ["router_kernel", "permute_kernel", "grouped_up_kernel", "grouped_down_kernel"]),
+    (4096, True, ["router_kernel", "permute_kernel", "grouped_up_kernel", "grouped_down_kernel", "combine_kernel"]),
+])
+def test_pipeline_launches(tokens, deterministic, kernels):
+    """At most 4 launches (decode 3), 5 with the deterministic combine; nothing else runs."""
+    from moefx.codegen.launch import plan
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        _, launches = plan(*meta_args(*SM90_SHAPES["qwen3-30b-a3b"], tokens), kind="sm90", multiprocessors=132)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert [step.kernel.__name__ for step in launches] == kernels
+
+
+def _has_nvidia_toolchain():
+    try:
+        from moefx.codegen.aot import nvidia_tool
+    except ImportError:
+        return False
+    return os.path.exists(nvidia_tool("ptxas")) and os.path.exists(nvidia_tool("cuobjdump"))
+
+
+@pytest.mark.skipif(not _has_nvidia_toolchain(), reason="triton wheel without the NVIDIA backend tools")
+@pytest.mark.parametrize("shape", SM90_SHAPES, ids=str)
+def test_kernels_compile_for_sm90_without_spills(shape):
+    """Every launch of the decode, grouped and deterministic pipelines lowers to sm90 SASS with no
+    register spills, and the large-token grouped GEMMs use Hopper's wgmma (HGMMA)."""
+    from moefx.codegen.aot import resource_report
+    from moefx.codegen.launch import plan
+    reports = []
+    for tokens, deterministic in ((1, False), (64, False), (16384, True)):
+        torch.use_deterministic_algorithms(deterministic)
+        try:
+            _, launches = plan(*meta_args(*SM90_SHAPES[shape], tokens), kind="sm90", multiprocessors=132)
+        finally:
+            torch.use_deterministic_algorithms(False)
+        reports += [(tokens, resource_report(step)) for step in launches]
+    spilled = [r for _, r in reports if r["spill_stack"] or r["local_loads"]]
+    assert not spilled, spilled
+    assert all("HGMMA" in r["matrix_instructions"] for tokens, r in reports
+               if tokens == 16384 and r["kernel"].startswith("grouped"))
+
+
 def test_bad_dtype_is_named():
     from moefx.codegen import moe_triton
     args = list(make_inputs(Case("mixed", 3, 4, 2)))

@@ -9,7 +9,8 @@ Kernels go through ``torch.library.wrap_triton`` so that the ``moefx::moe_triton
 """
 from __future__ import annotations
 
-from typing import Optional
+import dataclasses
+from typing import Callable, Optional
 
 import torch
 import triton
@@ -27,6 +28,15 @@ from moefx.op import moe_reference
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+@dataclasses.dataclass
+class Launch:
+    """One kernel launch: kernel, grid, arguments (constexprs and num_warps/num_stages as keywords)."""
+    kernel: Callable
+    grid: tuple
+    args: tuple
+    kwargs: dict
+
+
 def _contiguous_rows(t: Optional[Tensor]) -> Optional[Tensor]:
     """Kernels assume unit stride along the last dimension; copy only tensors that break it."""
     return t if t is None or t.stride(-1) == 1 else t.contiguous()
@@ -36,10 +46,10 @@ def _launch_options(cfg: dict) -> dict:
     return {k: cfg[k] for k in ("num_warps", "num_stages") if k in cfg}
 
 
-def _decode_block_n(cfg: dict, rows: int, width: int, device: torch.device) -> int:
+def _decode_block_n(cfg: dict, rows: int, width: int, multiprocessors: int) -> int:
     """Widest column block (within the table's range) that still gives every SM its share of programs."""
     narrowest, widest = cfg["BLOCK_N"]
-    wanted = cfg["programs_per_sm"] * tuning.multiprocessor_count(device)
+    wanted = cfg["programs_per_sm"] * multiprocessors
     block = widest
     while block > narrowest and rows * triton.cdiv(width, block) < wanted:
         block //= 2
@@ -53,10 +63,28 @@ def moe_triton(
     renormalize: bool, top_p: float, min_k: int, gate_scale: float, num_zero: int, num_copy: int,
 ) -> Tensor:
     """``torch.ops.moefx.moe`` through the generated Triton kernels (same arguments, same result)."""
+    args = (x, router_input, w_router, b_router, w_in, b_in, w_out, b_out, const_experts, top_k, activation, gated,
+            scoring, renormalize, top_p, min_k, gate_scale, num_zero, num_copy)
     if x.dtype == torch.float64:
         # fp64 is the gradcheck/reference dtype; the kernels are specialised for fp32 and half types.
-        return moe_reference(x, router_input, w_router, b_router, w_in, b_in, w_out, b_out, const_experts, top_k,
-                             activation, gated, scoring, renormalize, top_p, min_k, gate_scale, num_zero, num_copy)
+        return moe_reference(*args)
+    out, launches = plan(*args)
+    for step in launches:
+        wrap_triton(step.kernel)[step.grid](*step.args, **step.kwargs)
+    return out
+
+
+def plan(
+    x: Tensor, router_input: Tensor, w_router: Tensor, b_router: Optional[Tensor],
+    w_in: Tensor, b_in: Optional[Tensor], w_out: Tensor, b_out: Optional[Tensor],
+    const_experts: Optional[Tensor], top_k: int, activation: str, gated: bool, scoring: str,
+    renormalize: bool, top_p: float, min_k: int, gate_scale: float, num_zero: int, num_copy: int,
+    kind: Optional[str] = None, multiprocessors: Optional[int] = None,
+) -> tuple[Tensor, list[Launch]]:
+    """The output buffer and the launches that fill it, in order; nothing runs.
+
+    ``kind`` and ``multiprocessors`` override the device's tuning-table key and SM count (to plan
+    for a GPU that is not here, e.g. compiling for sm90 on a CPU)."""
     if x.dtype not in KERNEL_DTYPES or w_in.dtype != x.dtype or w_out.dtype != x.dtype:
         raise ValueError(f"moefx Triton kernels need x, w_in and w_out in one of {KERNEL_DTYPES}, got "
                          f"{x.dtype}, {w_in.dtype}, {w_out.dtype}; cast the experts to x's dtype")
@@ -69,11 +97,18 @@ def moe_triton(
                          "kernels index within an expert in 32 bits, so split the expert below 2**31 elements")
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     if num_tokens == 0:
-        return out
+        return out, []
     x, router_input, w_router, b_router, w_in, b_in, w_out, b_out, const_experts = map(
         _contiguous_rows, (x, router_input, w_router, b_router, w_in, b_in, w_out, b_out, const_experts))
     device = x.device
-    cfg = tuning.stage_configs(device, (hidden, width, num_routed, top_k), num_tokens)
+    kind = kind or tuning.device_kind(device)
+    multiprocessors = multiprocessors or tuning.multiprocessor_count(device)
+    cfg = tuning.stage_configs(kind, (hidden, width, num_routed, top_k), num_tokens)
+    launches = []
+
+    def launch(kernel, grid, *args, **kwargs):
+        launches.append(Launch(kernel, grid, args, kwargs))
+
     decode = num_tokens <= cfg["decode_max_tokens"]
     atomic = not decode and not torch.are_deterministic_algorithms_enabled()
     num_slots = num_tokens * top_k
@@ -90,24 +125,24 @@ def moe_triton(
     if decode:
         lcfg, ucfg, dcfg = cfg["router_logits"], cfg["decode_up"], cfg["decode_down"]
         logits = torch.empty(num_tokens, num_choices, dtype=torch.float32, device=device)
-        wrap_triton(router_logits_kernel)[(triton.cdiv(num_choices, lcfg["BLOCK_R"]),)](
+        launch(router_logits_kernel, (triton.cdiv(num_choices, lcfg["BLOCK_R"]),),
             router_input, w_router, b_router_, logits, num_tokens, router_input.shape[1], router_input.stride(0),
             w_router.stride(0), logits.stride(0), NUM_CHOICES=num_choices, HAS_BIAS=b_router is not None,
             BLOCK_R=lcfg["BLOCK_R"], BLOCK_H=lcfg["BLOCK_H"], num_warps=lcfg["num_warps"])
-        block_n = _decode_block_n(ucfg, num_slots, width, device)
-        wrap_triton(decode_up_kernel)[(num_slots, triton.cdiv(width, block_n))](
+        block_n = _decode_block_n(ucfg, num_slots, width, multiprocessors)
+        launch(decode_up_kernel, (num_slots, triton.cdiv(width, block_n)),
             x, w_in, b_in_, logits, inter, num_tokens, top_p, gate_scale, hidden, width, x.stride(0),
             w_in.stride(0), w_in.stride(1), stride_b_in, logits.stride(0), inter.stride(0), NUM_ROUTED=num_routed,
             **routing, ACTIVATION=activation, GATED=gated, HAS_BIAS=b_in is not None, BLOCK_E=block_e,
             BLOCK_K_CHOICES=block_k, BLOCK_N=block_n, BLOCK_K=ucfg["BLOCK_K"], **_launch_options(ucfg))
-        block_n = _decode_block_n(dcfg, num_tokens, hidden, device)
-        wrap_triton(decode_down_kernel)[(num_tokens, triton.cdiv(hidden, block_n))](
+        block_n = _decode_block_n(dcfg, num_tokens, hidden, multiprocessors)
+        launch(decode_down_kernel, (num_tokens, triton.cdiv(hidden, block_n)),
             inter, w_out, b_out_, logits, x, const_, out, num_tokens, top_p, gate_scale, hidden, width,
             inter.stride(0), w_out.stride(0), w_out.stride(1), stride_b_out, logits.stride(0), x.stride(0), stride_c,
             out.stride(0), NUM_ROUTED=num_routed, NUM_ZERO=num_zero, NUM_COPY=num_copy, **routing,
             HAS_BIAS=b_out is not None, BLOCK_E=block_e, BLOCK_K_CHOICES=block_k, BLOCK_N=block_n,
             BLOCK_K=dcfg["BLOCK_K"], **_launch_options(dcfg))
-        return out
+        return out, launches
 
     ids = torch.empty(num_tokens, top_k, dtype=torch.int32, device=device)
     gates = torch.empty(num_tokens, top_k, dtype=torch.float32, device=device)
@@ -115,7 +150,7 @@ def moe_triton(
     num_blocks = triton.cdiv(num_tokens, rcfg["BLOCK_T"])
     rank = torch.empty(num_slots, dtype=torch.int32, device=device)
     block_counts = torch.empty(num_blocks * block_e, dtype=torch.int32, device=device)
-    wrap_triton(router_kernel)[(num_blocks,)](
+    launch(router_kernel, (num_blocks,),
         router_input, w_router, b_router_, x, const_, out, ids, gates, rank, block_counts,
         num_tokens, router_input.shape[1], hidden, router_input.stride(0), w_router.stride(0), x.stride(0), stride_c,
         out.stride(0), top_p, gate_scale, **zero_computation, **routing, HAS_BIAS=b_router is not None,
@@ -127,31 +162,34 @@ def moe_triton(
     expert_counts = torch.empty(block_e, dtype=torch.int32, device=device)
     expert_offsets = torch.empty(block_e, dtype=torch.int32, device=device)
     pcfg = cfg["permute"]
-    wrap_triton(permute_kernel)[(num_blocks,)](
+    launch(permute_kernel, (num_blocks,),
         ids, rank, block_counts, sorted_slot, expert_counts, expert_offsets, num_tokens, num_blocks,
         NUM_ROUTED=num_routed, TOP_K=top_k, BLOCK_T=rcfg["BLOCK_T"], BLOCK_E=block_e, BLOCK_K=block_k,
         BLOCK_B=pcfg["BLOCK_B"], num_warps=pcfg["num_warps"])
 
     ucfg, dcfg = cfg["up"], cfg["down"]
-    wrap_triton(grouped_up_kernel)[(_max_tiles(num_slots, num_routed, ucfg), triton.cdiv(width, ucfg["BLOCK_N"]))](
+    up_grid = (_max_tiles(num_slots, num_routed, ucfg), triton.cdiv(width, ucfg["BLOCK_N"]))
+    launch(grouped_up_kernel, up_grid,
         x, w_in, b_in_, inter, sorted_slot, expert_counts, expert_offsets, hidden, width, x.stride(0),
         w_in.stride(0), w_in.stride(1), stride_b_in, inter.stride(0), NUM_ROUTED=num_routed, TOP_K=top_k,
         ACTIVATION=activation, GATED=gated, HAS_BIAS=b_in is not None, FP32_DOT=fp32_dot, BLOCK_E=block_e,
         BLOCK_M=ucfg["BLOCK_M"], BLOCK_N=ucfg["BLOCK_N"], BLOCK_K=ucfg["BLOCK_K"], **_launch_options(ucfg))
     slot_out = out if atomic else torch.empty(num_slots, hidden, dtype=torch.float32, device=device)
-    wrap_triton(grouped_down_kernel)[(_max_tiles(num_slots, num_routed, dcfg), triton.cdiv(hidden, dcfg["BLOCK_N"]))](
+    down_grid = (_max_tiles(num_slots, num_routed, dcfg), triton.cdiv(hidden, dcfg["BLOCK_N"]))
+    launch(grouped_down_kernel, down_grid,
         inter, w_out, b_out_, gates, sorted_slot, expert_counts, expert_offsets, slot_out, hidden, width,
         inter.stride(0), w_out.stride(0), w_out.stride(1), stride_b_out, slot_out.stride(0), NUM_ROUTED=num_routed,
         TOP_K=top_k, HAS_BIAS=b_out is not None, FP32_DOT=fp32_dot, ATOMIC=atomic, BLOCK_E=block_e,
         BLOCK_M=dcfg["BLOCK_M"], BLOCK_N=dcfg["BLOCK_N"], BLOCK_K=dcfg["BLOCK_K"], **_launch_options(dcfg))
     if atomic:
-        return out
+        return out, launches
     ccfg = cfg["combine"]
-    wrap_triton(combine_kernel)[(triton.cdiv(num_tokens, ccfg["BLOCK_T"]), triton.cdiv(hidden, ccfg["BLOCK_X"]))](
+    combine_grid = (triton.cdiv(num_tokens, ccfg["BLOCK_T"]), triton.cdiv(hidden, ccfg["BLOCK_X"]))
+    launch(combine_kernel, combine_grid,
         slot_out, ids, gates, x, const_, out, num_tokens, hidden, slot_out.stride(0), x.stride(0), stride_c,
         out.stride(0), **zero_computation, NUM_CHOICES=num_choices, TOP_K=top_k, BLOCK_T=ccfg["BLOCK_T"],
         BLOCK_X=ccfg["BLOCK_X"], BLOCK_K=block_k, num_warps=ccfg["num_warps"])
-    return out
+    return out, launches
 
 
 def _max_tiles(num_slots: int, num_routed: int, cfg: dict) -> int:

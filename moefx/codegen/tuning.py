@@ -19,7 +19,7 @@ _ANY = None  # a row bound that covers every bucket
 
 HOPPER = {
     "decode_max_tokens": 4,
-    "router": [(64, dict(BLOCK_T=16, BLOCK_H=128, BLOCK_X=256, num_warps=4)),
+    "router": [(64, dict(BLOCK_T=16, BLOCK_H=64, BLOCK_X=256, num_warps=4)),
                (_ANY, dict(BLOCK_T=64, BLOCK_H=64, BLOCK_X=128, num_warps=8))],
     "permute": [(_ANY, dict(BLOCK_B=32, num_warps=4))],
     "router_logits": [(_ANY, dict(BLOCK_R=4, BLOCK_H=512, num_warps=4))],
@@ -85,9 +85,9 @@ def multiprocessor_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def stage_configs(device: torch.device, shape: tuple[int, int, int, int], num_tokens: int) -> dict:
-    """Every stage's config (plus ``decode_max_tokens``) for ``shape`` = (H, F, E, top_k) at ``num_tokens``."""
-    kind = device_kind(device)
+def stage_configs(kind: str, shape: tuple[int, int, int, int], num_tokens: int) -> dict:
+    """Every stage's config (plus ``decode_max_tokens``) for ``shape`` = (H, F, E, top_k) at ``num_tokens``
+    on a device of ``kind`` (see ``device_kind``)."""
     table = {**TABLES[kind], **TABLES.get((kind, *shape), {})}
     bucket = token_bucket(num_tokens)
     chosen = {"decode_max_tokens": table["decode_max_tokens"]}
