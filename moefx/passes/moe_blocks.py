@@ -47,7 +47,7 @@ BOOKKEEPING = frozenset({
     "setitem", "repeat_interleave", "index_select", "sum", "mul", "size", "sym_size", "dim",
 }) | CASTS
 # Followed from a GEMM operand back to the tensor it reads (the indexed tensor for a gather).
-TRANSPOSES = frozenset({"transpose", "t"})
+UNROUTED_VIEWS = frozenset({"transpose", "t", "unsqueeze", "repeat_interleave"}) | CASTS
 OPERAND_VIEWS = frozenset({"getitem", "transpose", "t", "unsqueeze", "squeeze", "expand", "repeat_interleave"}) | CASTS
 MAX_BLOCK_NODES = 500
 SCALARS = (int, float, bool, torch.SymInt, torch.SymFloat, torch.SymBool)
@@ -112,6 +112,7 @@ def describe(root: Node) -> str:
 def block_region(root: Node) -> tuple[list[Node], Node]:
     """Nodes from the router's ``topk`` to the first node where everything derived from it has merged
     into one [T, H] tensor (the block's output), in graph order."""
+    tokens = value(root)[0].shape[0]
     order = {n: i for i, n in enumerate(root.graph.nodes)}
     last_use = {}
     in_region, live, region, gemms = {root}, {root}, [root], 0
@@ -126,17 +127,16 @@ def block_region(root: Node) -> tuple[list[Node], Node]:
         for a in node.all_input_nodes:
             if a in live and last_use.setdefault(a, max(a.users, key=order.get)) is node:
                 live.discard(a)
-        if gemms >= 2 and live == {node} and is_tensor(node) and value(node).dim() == 2:
+        if gemms >= 2 and live == {node} and is_tensor(node) and value(node).dim() == 2 and \
+                same_size(value(node).shape[0], tokens):
             return region, node
         if len(region) > MAX_BLOCK_NODES:
             break
         node = node.next
-    hint = ""
-    if any(op_name(n) in ("one_hot", "nonzero") for n in region):
-        hint = ("; transformers' eager per-expert loop breaks the Dynamo graph at nonzero(): load the model with "
-                "experts_implementation='grouped_mm' (the default) or 'batched_mm'")
-    raise NotRewritten(f"what the router selects is not combined back into one [T, H] tensor in this graph "
-                       f"(a graph break inside the block?){hint}")
+    raise NotRewritten("what the router selects is not combined back into one [T, H] tensor in this graph "
+                       "(a graph break inside the block? transformers' eager per-expert loop has one at "
+                       "nonzero(): load the model with experts_implementation='grouped_mm' (the default) or "
+                       "'batched_mm')")
 
 
 def rewrite_block(gm: GraphModule, root: Node, region: list[Node], combined: Node) -> None:
@@ -303,8 +303,9 @@ def gemm_operands(gemm: Node, members: set[Node], views: list[Node]) -> tuple[No
     found = []
     for position, operand in enumerate(gemm.args[:2]):
         transposes = 0
-        # Inside the block follow gathers too; a weight's transpose/cast may sit before the block.
-        while op_name(operand) in OPERAND_VIEWS and (operand in members or op_name(operand) in TRANSPOSES | CASTS):
+        # Inside the block follow gathers too. Before it may sit a weight's transpose or cast, or the
+        # copies of each token that batched_mm makes (they do not depend on the routing).
+        while op_name(operand) in OPERAND_VIEWS and (operand in members or op_name(operand) in UNROUTED_VIEWS):
             if op_name(operand) == "t" or op_name(operand) == "transpose" and \
                     {d % 3 for d in operand.args[1:3]} == {1, 2}:
                 transposes += 1

@@ -10,6 +10,7 @@ import operator
 from typing import Any, Optional
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.fx import Graph, Node
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
@@ -70,7 +71,8 @@ def fake_run(target: Any, args: tuple, kwargs: dict) -> Any:
 
     fake_args = torch.fx.node.map_aggregate(args, fake)
     fake_kwargs = torch.fx.node.map_aggregate(kwargs, fake)
-    mode = torch._guards.detect_fake_mode([a for a in fake_args if isinstance(a, torch.Tensor)])
+    fakes = [a for a in fake_args if isinstance(a, FakeTensor)]
+    mode = fakes[0].fake_mode if fakes else None
     if mode is None:
         return target(*fake_args, **fake_kwargs)
     with mode:
