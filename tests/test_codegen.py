@@ -70,7 +70,7 @@ CASES = [
     Case("t17-e8-k2-fp16", 17, 8, 2, dtype="float16"),
     Case("t1-e8-k2-fp16-decode", 1, 8, 2, dtype="float16", gated=False),
     # Many router blocks: the permutation's chunked walk over block counts and 64-bit row offsets.
-    Case("t2048-e4-k2-large", 2048, 4, 2, hidden=20, width=12),
+    Case("t1024-e4-k1-many-blocks", 1024, 4, 1, hidden=20, width=12),
 ]
 TOLERANCE = {"float32": 1e-5, "float16": 3e-3, "bfloat16": 2e-2}
 
