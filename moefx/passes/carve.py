@@ -87,7 +87,7 @@ def partition(ffn: FFN, stats: Optional[HiddenStats], method: str, num_experts: 
 
 def gate_rows(ffn: FFN) -> Tensor:
     """The W_in rows that decide whether a neuron fires: the gate rows of a gated FFN."""
-    return ffn.w_in[0::2] if ffn.gated else ffn.w_in
+    return ffn.in_maps[0][0]
 
 
 def _in_rows(ffn: FFN, neurons: Tensor) -> Tensor:
@@ -101,7 +101,8 @@ def carved_layer(ffn: FFN, shared: Tensor, groups: list[Tensor], top_k: int) -> 
     layer = MoELayer(ffn.hidden, len(groups[0]), len(groups), top_k, ffn.activation, ffn.gated,
                      expert_in_bias=ffn.b_in is not None, shared_width=len(shared),
                      shared_in_bias=ffn.b_in is not None, out_bias=ffn.b_out is not None,
-                     router_bias=ffn.b_in is not None, scoring="unit", dtype=w_in.dtype, device=w_in.device)
+                     router_bias=ffn.b_in is not None, scoring="unit", dtype=w_in.dtype, device="meta")
+    layer = layer.to_empty(device=w_in.device)  # every parameter is copied below: skip the random init
     with torch.no_grad():
         rows = torch.stack([_in_rows(ffn, g) for g in groups])
         layer.w_in.copy_(w_in[rows])
@@ -127,7 +128,8 @@ def upcycled_layer(ffn: FFN, num_experts: int, top_k: int, seed: int) -> MoELaye
     w_in = ffn.w_in
     layer = MoELayer(ffn.hidden, ffn.width, num_experts, top_k, ffn.activation, ffn.gated,
                      expert_in_bias=ffn.b_in is not None, expert_out_bias=ffn.b_out is not None,
-                     scoring="softmax", renormalize=True, dtype=w_in.dtype, device=w_in.device)
+                     scoring="softmax", renormalize=True, dtype=w_in.dtype, device="meta")
+    layer = layer.to_empty(device=w_in.device)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         layer.w_in.copy_(w_in.expand(num_experts, -1, -1))
