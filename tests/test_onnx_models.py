@@ -1,7 +1,8 @@
 """ONNX export of whole converted models, run in onnxruntime CPU against PyTorch fp32 at two
 batch/sequence sizes other than the example's: upcycled GPT-2-style (tanh-GELU) and Llama-style
 (SwiGLU) models go through com.microsoft.MoE; a carved all-MiniLM-L6-v2 (unit gates) only through
-standard ops, and target="onnxruntime" refuses it clearly."""
+standard ops, and target="onnxruntime" refuses it clearly; random small Mixtral and Qwen3-MoE, whose
+MoE blocks moefx.passes.moe_blocks rewrites into moefx::moe before export."""
 import pytest
 import torch
 
@@ -115,3 +116,38 @@ def test_carved_minilm_onnxruntime_target_is_a_clear_error(carved_minilm, tmp_pa
     moe, batch = carved_minilm
     with pytest.raises(UnsupportedLayerError, match="scoring='unit'.*target='standard'"):
         export_onnx(moe, batch(SENTENCES[:2]), tmp_path / "m.onnx", target="onnxruntime")
+
+
+@pytest.fixture(scope="module")
+def mixtral():
+    from transformers import MixtralConfig, MixtralModel
+
+    torch.manual_seed(0)
+    return MixtralModel(MixtralConfig(num_hidden_layers=1, hidden_size=64, intermediate_size=96, num_attention_heads=4,
+                                      num_key_value_heads=2, vocab_size=VOCAB, num_local_experts=4,
+                                      num_experts_per_tok=2, use_cache=False)).eval()
+
+
+@pytest.fixture(scope="module")
+def qwen3_moe():
+    from transformers import Qwen3MoeConfig, Qwen3MoeModel
+
+    torch.manual_seed(0)
+    return Qwen3MoeModel(Qwen3MoeConfig(num_hidden_layers=1, hidden_size=64, intermediate_size=128,
+                                        moe_intermediate_size=32, num_attention_heads=4, num_key_value_heads=2,
+                                        head_dim=16, vocab_size=VOCAB, num_experts=8, num_experts_per_tok=2,
+                                        norm_topk_prob=True, use_cache=False)).eval()
+
+
+@pytest.mark.parametrize("target", ["onnxruntime", "standard"])
+def test_mixtral_blocks_become_moe_layers(mixtral, target, tmp_path):
+    report = export_and_check(mixtral, target, tmp_path, num_layers=1)
+    assert report.node_counts[CONTRIB] == (1 if target == "onnxruntime" else 0)
+    assert all(layer.config.num_experts == 4 and layer.config.renormalize for layer in report.layers)
+
+
+def test_qwen3_moe_blocks_become_moe_layers(qwen3_moe, tmp_path):
+    """auto only: its standard lowering is Mixtral's (gated SiLU, renormalised softmax), tested above."""
+    report = export_and_check(qwen3_moe, "auto", tmp_path, num_layers=1)
+    assert report.node_counts[CONTRIB] == 1
+    assert all(layer.config.num_experts == 8 for layer in report.layers)
