@@ -233,6 +233,24 @@ def test_pipeline_launches(tokens, deterministic, kernels):
     assert [step.kernel.__name__ for step in launches] == kernels
 
 
+@pytest.mark.parametrize("bucket", [(3, 4), (5, 6, 7, 8), (17, 24, 32), (4097, 9000, 16384), (16385, 50000)], ids=str)
+def test_token_counts_in_a_bucket_share_compiled_kernels(bucket):
+    """Within a token bucket every launch has the same constexprs and options, and every integer
+    argument that changes with the token count is exempt from Triton's specialisation: one
+    compiled variant per bucket, so serving never JIT-compiles for a new token count."""
+    from moefx.codegen.launch import plan
+    plans = [plan(*meta_args(*SM90_SHAPES["qwen3-30b-a3b"], tokens), kind="sm90", multiprocessors=132)[1]
+             for tokens in bucket]
+    for steps in zip(*plans):
+        kernel = steps[0].kernel
+        assert all(step.kernel is kernel for step in steps)
+        assert all(step.kwargs == steps[0].kwargs for step in steps), kernel.__name__
+        exempt = {kernel.arg_names[i] if isinstance(i, int) else i for i in kernel.do_not_specialize or ()}
+        for name, *values in zip(kernel.arg_names, *(step.args for step in steps)):
+            if isinstance(values[0], int) and len(set(values)) > 1:
+                assert name in exempt, f"{kernel.__name__}.{name} varies with the token count but is specialised"
+
+
 def _has_nvidia_toolchain():
     try:
         from moefx.codegen.aot import nvidia_tool

@@ -129,13 +129,15 @@ def plan(
             router_input, w_router, b_router_, logits, num_tokens, router_input.shape[1], router_input.stride(0),
             w_router.stride(0), logits.stride(0), NUM_CHOICES=num_choices, HAS_BIAS=b_router is not None,
             BLOCK_R=lcfg["BLOCK_R"], BLOCK_H=lcfg["BLOCK_H"], num_warps=lcfg["num_warps"])
-        block_n = _decode_block_n(ucfg, num_slots, width, multiprocessors)
+        # Column blocks follow the token bucket, not the exact count: one compiled variant per bucket.
+        bucket = tuning.token_bucket(num_tokens)
+        block_n = _decode_block_n(ucfg, bucket * top_k, width, multiprocessors)
         launch(decode_up_kernel, (num_slots, triton.cdiv(width, block_n)),
             x, w_in, b_in_, logits, inter, num_tokens, top_p, gate_scale, hidden, width, x.stride(0),
             w_in.stride(0), w_in.stride(1), stride_b_in, logits.stride(0), inter.stride(0), NUM_ROUTED=num_routed,
             **routing, ACTIVATION=activation, GATED=gated, HAS_BIAS=b_in is not None, BLOCK_E=block_e,
             BLOCK_K_CHOICES=block_k, BLOCK_N=block_n, BLOCK_K=ucfg["BLOCK_K"], **_launch_options(ucfg))
-        block_n = _decode_block_n(dcfg, num_tokens, hidden, multiprocessors)
+        block_n = _decode_block_n(dcfg, bucket, hidden, multiprocessors)
         launch(decode_down_kernel, (num_tokens, triton.cdiv(hidden, block_n)),
             inter, w_out, b_out_, logits, x, const_, out, num_tokens, top_p, gate_scale, hidden, width,
             inter.stride(0), w_out.stride(0), w_out.stride(1), stride_b_out, logits.stride(0), x.stride(0), stride_c,

@@ -3,8 +3,8 @@
 A table maps each stage to rows ``(max_tokens, config)``; the first row whose bound covers the
 token bucket wins. Token counts are bucketed to powers of two (``token_bucket``), so the choice
 of config, and with it the compiled kernels, is fixed within a bucket: no JIT recompilation per
-token count. ``decode_max_tokens`` is where the per-slot GEMV path hands over to the grouped
-GEMMs. An entry keyed ``(device, H, F, E, top_k)`` overrides the device's default stage by stage.
+token count. ``decode_max_tokens`` (a bucket boundary) is where the per-slot GEMV path hands
+over to the grouped GEMMs. An entry keyed ``(device, H, F, E, top_k)`` overrides the device's default stage by stage.
 """
 from __future__ import annotations
 
