@@ -170,6 +170,7 @@ def _convert(model, batches, num_experts, top_k, method, num_shared, sample_toke
                 shared, groups = partition(ffn, stats.get(ffn.name), method, num_experts, num_shared, seed)
                 layer = carved_layer(ffn, shared, groups, top_k)
             gm = pieces[ffn.piece][0]
+            _release_dense_weights(ffn, gm, affine)
             moe_name = replace_ffn(gm, ffn, layer)
             report.converted.append(f"{ffn.name} -> {_join(ffn.piece, moe_name)}")
             bar.update(1)
@@ -192,6 +193,19 @@ def _install(model: nn.Module, pieces: dict[str, nn.Module]) -> nn.Module:
         parent, _, child = relative.rpartition(".")
         setattr(owner.get_submodule(parent), child, pieces[name])
     return model
+
+
+def _release_dense_weights(ffn, gm, affine: dict) -> None:
+    """Free a dense FFN's weights once its experts hold copies, so that converting needs about one
+    FFN of memory beyond the model (the dense Linears leave the model in the rewrite)."""
+    for node in ffn.nodes:
+        name = _join(ffn.piece, node.target) if node.op == "call_module" else None
+        if name in affine:
+            affine[name] = None
+            for param in gm.get_submodule(node.target).parameters(recurse=False):
+                param.data = param.data.new_empty(0)
+    ffn.in_maps.clear()
+    ffn.w_out = ffn.b_out = None
 
 
 def _affine_leaves(model: nn.Module) -> dict[str, tuple]:
