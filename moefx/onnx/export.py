@@ -152,6 +152,16 @@ def export_onnx(
     return report
 
 
+def export_and_check(model: torch.nn.Module, example_inputs, path: Union[str, Path],
+                     check_inputs: Sequence[Any] = (), target: str = "auto", approximate: bool = False) -> float:
+    """Export ``model`` and return the max abs error of onnxruntime CPU against PyTorch over the example
+    inputs and every entry of ``check_inputs`` (other batch and sequence sizes exercise the dynamic axes)."""
+    report = export_onnx(model, example_inputs, path, target=target, approximate=approximate)
+    log.info("%s", report)
+    errors = [report.max_abs_error] + [max_abs_error(path, model, *split_inputs(inputs)) for inputs in check_inputs]
+    return max(errors)
+
+
 def with_moe_blocks_rewritten(model: torch.nn.Module, args: tuple, kwargs: dict, shapes: dict) -> torch.nn.Module:
     """``model`` itself, or, when it holds stacked expert weights outside moefx layers (transformers'
     Mixtral, Qwen2/3-MoE, OLMoE blocks), its Dynamo graph with those blocks rewritten into moefx::moe
