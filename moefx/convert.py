@@ -139,6 +139,7 @@ def _convert(model, batches, num_experts, top_k, method, num_shared, sample_toke
         if ffns:
             pieces[name] = (gm, ffns)
             leaves.add(module)
+    del calls  # the recorded activations of every module
     for name, inside in untraced.items():
         hidden = [a for a in inside if a not in seen]
         if len(hidden) >= 2:
