@@ -228,3 +228,24 @@ def test_triton_swap_leaves_cpu_graphs_alone():
     gm, _ = torch._dynamo.export(ConvertedMoE())(torch.randn(5, 8))
     assert swap_triton(gm) == 0
     assert moe_calls(gm) == 1
+
+
+def test_bf16_blocks_on_torch_grouped_mm_are_rewritten():
+    """In bf16 transformers calls torch's grouped_mm (the path GPUs take) instead of its fp32 fallback op."""
+    model, moe_layers = tiny_moe_model("qwen3_moe")
+    model = model.to(torch.bfloat16)
+    targets_before, rewritten = [], []
+
+    def backend(gm, example_inputs):
+        targets_before.extend(str(n.target) for n in gm.graph.nodes)
+        rewritten.append(run_pre_grad_passes(gm))
+        return gm.forward
+
+    torch._dynamo.reset()
+    ids = token_ids(6)
+    with torch.no_grad():
+        out = torch.compile(model, backend=backend)(ids).logits
+        ref = model(ids).logits
+    assert any("grouped_mm" in t and "fallback" not in t for t in targets_before)
+    assert len(rewritten) == 1 and moe_calls(rewritten[0]) == moe_layers
+    assert relative_error(out, ref) <= 2e-2  # bf16 rounding; the op keeps the gates in fp32
