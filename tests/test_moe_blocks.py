@@ -249,3 +249,11 @@ def test_bf16_blocks_on_torch_grouped_mm_are_rewritten():
     assert any("grouped_mm" in t and "fallback" not in t for t in targets_before)
     assert len(rewritten) == 1 and moe_calls(rewritten[0]) == moe_layers
     assert relative_error(out, ref) <= 2e-2  # bf16 rounding; the op keeps the gates in fp32
+
+
+def test_triton_swap_retargets_the_op_where_the_kernel_path_is_triton(monkeypatch):
+    gm, _ = torch._dynamo.export(ConvertedMoE())(torch.randn(5, 8))
+    monkeypatch.setenv("MOEFX_KERNELS", "triton")  # what CUDA with Triton selects; here only the graph is checked
+    assert swap_triton(gm) == 1
+    assert [n.target for n in gm.graph.nodes if n.op == "call_function" and "moefx" in str(n.target)] == \
+        [torch.ops.moefx.moe_triton.default]

@@ -3,9 +3,8 @@
 Serves the fused routed-experts kernels (ScatterMoE, Tan et al. 2024; vLLM fused_moe). The swap runs on
 the torch-level graph, before AOTAutograd: a ``triton_op`` is traced into its kernels only at that
 point (after it, at post-grad level, it would already be an opaque call). It applies where
-``moefx.op.kernel_path`` picks Triton (CUDA and Triton present, ``MOEFX_KERNELS`` not "reference")
-and the graph is inference-only; training graphs keep ``moefx::moe``, whose analytic backward
-(``moefx::moe_backward``) AOTAutograd needs, and whose CUDA implementation calls the same kernels.
+``moefx.op.kernel_path`` picks Triton (CUDA and Triton present, ``MOEFX_KERNELS`` not "reference");
+``moefx::moe_triton`` has the same schema and the same analytic backward, so training graphs swap too.
 """
 from __future__ import annotations
 
@@ -42,19 +41,16 @@ def swap_triton(gm: GraphModule) -> int:
     calls = [n for n in gm.graph.nodes if is_moe_call(n)]
     if not calls:
         return 0
-    training = torch.is_grad_enabled() and any(
-        isinstance(value(n), torch.Tensor) and value(n).requires_grad for n in gm.graph.nodes if n.op == "placeholder")
     on_triton = [n for n in calls if kernel_path(value(n.args[0]).device) == "triton"]
     swapped = 0
-    if on_triton and not training:
+    if on_triton:
         op = triton_moe_op()
         if op is not None:
             for node in on_triton:
                 node.target = op.default
                 swapped += 1
             gm.recompile()
-    log.debug("moefx: swap_triton retargeted %d of %d moefx::moe call(s) to moefx::moe_triton%s", swapped,
-              len(calls), " (training graph keeps moefx::moe)" if on_triton and training else "")
+    log.debug("moefx: swap_triton retargeted %d of %d moefx::moe call(s) to moefx::moe_triton", swapped, len(calls))
     return swapped
 
 
