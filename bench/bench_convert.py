@@ -24,7 +24,18 @@ def rss_bytes() -> int:
 
 
 def peak_rss_bytes() -> int:
+    """Peak RSS since the last ``reset_peak_rss`` (VmHWM), else since the process started."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def reset_peak_rss() -> None:
+    """Start peak-RSS accounting afresh, so that building the model does not count (Linux)."""
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")
 
 
 def main() -> None:
@@ -53,6 +64,8 @@ def main() -> None:
     generator = torch.Generator().manual_seed(0)
     calibration = [{"input_ids": torch.randint(0, config.vocab_size, (1, 128), generator=generator)}
                    for _ in range(args.batches)]
+    build_peak = peak_rss_bytes()
+    reset_peak_rss()
     before = rss_bytes()
     start = time.perf_counter()
     shared = 0 if args.method == "upcycle" else args.shared
@@ -62,7 +75,8 @@ def main() -> None:
     summary = moefx.summary(moe)
     peak = peak_rss_bytes()
     print(f"model: Llama-shaped, {args.layers} layers, {params / 1e9:.2f}B parameters, bf16, "
-          f"{model_bytes / 2**30:.2f} GiB (built in {build_seconds:.1f} s)")
+          f"{model_bytes / 2**30:.2f} GiB (built in {build_seconds:.1f} s, peak RSS while building "
+          f"{build_peak / 2**30:.2f} GiB)")
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}")
     print(f"{'method':<14} {'experts':>8} {'top_k':>5} {'shared':>6} {'calib':>9} {'convert s':>9} "
