@@ -110,7 +110,8 @@ def main() -> None:
     print("|" + "|".join("-" * len(cell) for cell in header.split("|")[1:-1]) + "|")
     for shape_name in shapes:
         row = {r["variant"]: r["ms"] for r in results if r["shape"] == shape_name}
-        print(f"| {shape_name:<16} | " + " | ".join(f"{row[v]:9.3f} ms" for v in args.variants) + " |")
+        print(f"| {shape_name:<16} | " + " | ".join(f"{row[v]:.3f} ms".rjust(max(12, len(v))) for v in args.variants)
+              + " |")
     report = dict(device=device_name, dtype=str(dtype), torch=torch.__version__,
                   transformers=transformers.__version__, results=results)
     print(json.dumps(report))
