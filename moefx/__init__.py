@@ -3,6 +3,7 @@
 convert (moefx.convert) -> fuse (torch.ops.moefx.moe, moefx.codegen) -> compile
 (torch.compile(backend="moefx")) -> export (moefx.export_onnx).
 """
+from moefx import backend  # noqa: F401  (registers torch.compile(backend="moefx"))
 from moefx.convert import ConversionReport, convert
 from moefx.layer import MoELayer
 from moefx.op import moe_op
