@@ -151,3 +151,13 @@ def test_qwen3_moe_blocks_become_moe_layers(qwen3_moe, tmp_path):
     report = export_and_check(qwen3_moe, "auto", tmp_path, num_layers=1)
     assert report.node_counts[CONTRIB] == 1
     assert all(layer.config.num_experts == 8 for layer in report.layers)
+
+
+def test_uncapturable_moe_model_names_the_fix(mixtral, tmp_path):
+    """transformers' eager per-expert loop breaks the Dynamo graph: the error says which implementation to pick."""
+    mixtral.set_experts_implementation("eager")
+    try:
+        with pytest.raises(RuntimeError, match="set_experts_implementation\\('grouped_mm'\\)"):
+            export_onnx(mixtral, token_batch(2, 6, seed=0), tmp_path / "m.onnx")
+    finally:
+        mixtral.set_experts_implementation("grouped_mm")

@@ -157,7 +157,6 @@ def export_and_check(model: torch.nn.Module, example_inputs, path: Union[str, Pa
     """Export ``model`` and return the max abs error of onnxruntime CPU against PyTorch over the example
     inputs and every entry of ``check_inputs`` (other batch and sequence sizes exercise the dynamic axes)."""
     report = export_onnx(model, example_inputs, path, target=target, approximate=approximate)
-    log.info("%s", report)
     errors = [report.max_abs_error] + [max_abs_error(path, model, *split_inputs(inputs)) for inputs in check_inputs]
     return max(errors)
 
@@ -169,19 +168,25 @@ def with_moe_blocks_rewritten(model: torch.nn.Module, args: tuple, kwargs: dict,
     from moefx.layer import MoELayer
     from moefx.passes.moe_blocks import rewrite_moe_blocks
 
-    in_moefx_layers = {id(p) for m in model.modules() if isinstance(m, MoELayer) for p in m.parameters()}
-    if not any(p.dim() == 3 and id(p) not in in_moefx_layers for p in model.parameters()):
+    not_experts = {id(p) for m in model.modules() if isinstance(m, (MoELayer, torch.nn.modules.conv._ConvNd))
+                   for p in m.parameters()}
+    if not any(p.dim() == 3 and id(p) not in not_experts for p in model.parameters()):
         return model
     try:
         gm, _ = torch._dynamo.export(model, dynamic_shapes=shapes)(*args, **kwargs)
     except Exception as error:
         raise RuntimeError(
             f"moefx ONNX export: {type(model).__name__} holds stacked expert weights, so moefx captures it with "
-            "Dynamo to rewrite its MoE blocks, and the capture failed (a graph break?). transformers MoE models "
-            "must use experts_implementation='grouped_mm' (the default) or 'batched_mm'.") from error
+            "Dynamo to rewrite its MoE blocks, and the capture failed (a graph break?). For a transformers MoE "
+            "model call model.set_experts_implementation('grouped_mm') (the default) or 'batched_mm'; the eager "
+            "per-expert loop does not capture.") from error
     rewritten = rewrite_moe_blocks(gm)
+    if not rewritten:
+        log.warning("moefx ONNX export: %s holds 3-D (stacked expert?) weights but no MoE block was recognised; "
+                    "exporting it as it is (see moefx.passes.moe_blocks debug logs for why)", type(model).__name__)
+        return model
     log.info("moefx ONNX export: rewrote %d MoE block(s) of %s into moefx::moe", rewritten, type(model).__name__)
-    return gm if rewritten else model
+    return gm
 
 
 def split_inputs(example_inputs) -> tuple[tuple, dict]:
