@@ -36,7 +36,7 @@ def moefx_backend(gm: torch.fx.GraphModule, example_inputs, mode: Optional[str] 
     counters["moefx"]["graphs"] += 1
     counters["moefx"]["moe_calls"] += moe_calls
     log.debug("moefx: graph with %d nodes handed to Inductor with %d MoE call(s)", len(gm.graph.nodes), moe_calls)
-    config = {**list_mode_options(mode), **(options or {})}
+    config = {**list_mode_options(mode or "default"), **(options or {})}
     return compile_fx(gm, example_inputs, config_patches=config)
 
 
