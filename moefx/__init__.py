@@ -9,5 +9,13 @@ from moefx.layer import MoELayer
 from moefx.op import moe_op
 from moefx.summary import Summary, summary
 
-__all__ = ["ConversionReport", "MoELayer", "Summary", "convert", "moe_op", "summary"]
+__all__ = ["ConversionReport", "MoELayer", "Summary", "convert", "export_onnx", "moe_op", "summary"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # the ONNX stack (onnx, onnxscript) loads only when export is used
+    if name == "export_onnx":
+        from moefx.onnx import export_onnx
+        return export_onnx
+    raise AttributeError(f"module 'moefx' has no attribute {name!r}")

@@ -11,14 +11,23 @@ def main(argv: list[str] | None = None) -> int:
     demo = commands.add_parser("demo", help="convert all-MiniLM-L6-v2 with each method and compare embeddings")
     demo.add_argument("--sentences", type=int, default=300, help="held-out sentences to compare on")
     demo.add_argument("--calibration", type=int, default=128, help="calibration sentences")
+    demo.add_argument("--onnx", default="minilm_moe.onnx", help="where the demo writes its exported model")
+    from moefx.onnx.cli import add_export_arguments
+    add_export_arguments(commands.add_parser("export", help="convert a model and write it as ONNX, checked in "
+                                             "onnxruntime"))
     args = parser.parse_args(argv)
     if args.command == "demo":
         from moefx.demo import format_rows, run_demo
 
-        rows = run_demo(num_eval=args.sentences, num_calibration=args.calibration)
+        rows, onnx_error = run_demo(num_eval=args.sentences, num_calibration=args.calibration, onnx_path=args.onnx)
         print("all-MiniLM-L6-v2 (real weights), sentence-embedding cosine to the dense model on "
               f"{args.sentences} sentences of Python's documentation:")
         print(format_rows(rows))
+        print(f"exported the split 8/top-2 model to {args.onnx}; onnxruntime vs PyTorch max abs error "
+              f"{onnx_error:.2e}")
+    elif args.command == "export":
+        from moefx.onnx.cli import export_from_cli
+        print(export_from_cli(args))
     return 0
 
 

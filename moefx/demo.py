@@ -52,8 +52,10 @@ def tokenize(tokenizer, sentences: list[str], batch_size: int) -> list[dict]:
 
 
 def run_demo(num_eval: int = 300, num_calibration: int = 128, top_ks=(2, 4), num_experts: int = 8,
-             progress: bool = True) -> list[DemoRow]:
-    """Convert MiniLM at ``num_experts`` / each top_k with each method; cosine on held-out sentences."""
+             progress: bool = True, onnx_path: str = "minilm_moe.onnx") -> tuple[list[DemoRow], float]:
+    """Convert MiniLM at ``num_experts`` / each top_k with each method; cosine on held-out sentences.
+    Ends by exporting the split model at the first top_k to ONNX and checking it in onnxruntime;
+    returns the rows and that check's max abs error."""
     model, tokenizer = load_minilm()
     calibration = tokenize(tokenizer, python_doc_sentences(num_calibration), 32)
     evaluation = tokenize(tokenizer, python_doc_sentences(num_eval, offset=num_calibration), 50)
@@ -68,7 +70,11 @@ def run_demo(num_eval: int = 300, num_calibration: int = 128, top_ks=(2, 4), num
             cosine = (sentence_embeddings(moe, evaluation) * dense).sum(-1).mean().item()
             label = method + (f"+{num_shared} shared" if num_shared else "")
             rows.append(DemoRow(label, num_experts, top_k, moefx.summary(moe).active_fraction, cosine, seconds))
-    return rows
+            if method == "split" and top_k == top_ks[0]:
+                exported = moe
+    from moefx.onnx import export_and_check
+    error = export_and_check(exported, calibration[0], onnx_path, check_inputs=[evaluation[0]])
+    return rows, error
 
 
 def format_rows(rows: list[DemoRow]) -> str:
