@@ -10,13 +10,24 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from moefx.passes.calibrate import collect_hidden_stats, run_batch
+from moefx.passes.calibrate import capture_inputs, collect_hidden_stats, run_batch
 from moefx.passes.carve import METHODS, carved_layer, partition, upcycled_layer
 from moefx.passes.find_ffn import affine_map, find_ffns
+from moefx.passes.refit import compensate as compensate_layer, dense_output, refit as refit_layer
 from moefx.passes.rewrite import replace_ffn
+from moefx.passes.routers import ROUTERS, distill_router, representative_router
 from moefx.passes.trace import record_calls, trace_piece
 
 log = logging.getLogger("moefx")
+
+
+@dataclass
+class LayerOrigin:
+    """Where an MoE layer sits and which dense modules it replaced (``moefx.evaluate`` compares them)."""
+
+    moe: str                   # qualified name of the MoELayer in the converted model
+    dense_inputs: list[str]    # the dense FFN's input Linear(s) (gate and up when gated)
+    dense_output: str          # the dense FFN's output Linear
 
 
 @dataclass
@@ -25,6 +36,7 @@ class ConversionReport:
 
     converted: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    layers: list["LayerOrigin"] = field(default_factory=list)
 
     def __str__(self) -> str:
         lines = [f"converted {len(self.converted)} FFN(s)"] + [f"  {n}" for n in self.converted]
@@ -54,6 +66,12 @@ def convert(
     sample_tokens: int = 2048,
     seed: int = 0,
     progress: bool = True,
+    router: str = "centroid",
+    compensate: bool = False,
+    refit: bool = False,
+    fit_tokens: int = 16384,
+    top_p: float = 1.0,
+    min_k: int = 1,
 ) -> nn.Module:
     """Rewrite every dense FFN of ``model`` into an MoE layer and return the converted model.
 
@@ -67,11 +85,38 @@ def convert(
         num_shared: experts made of the neurons with the highest activation rate, always active.
         inplace: convert ``model`` itself instead of a copy (saves the copy's memory).
         sample_tokens: hidden-activation rows kept per FFN for co-activation clustering.
+        router: how carved experts are scored: "centroid" (mean W_in row of the expert's neurons),
+            "representative" (CMoE: the W_in row of the neuron nearest the expert's activation
+            centroid; needs calibration statistics), or "distilled" (a linear router trained on
+            the calibration tokens to pick the experts with the largest contribution ||f_e(x)||).
+        compensate: give every expert its mean output over the tokens that skip it as a standing
+            bias, so a skipped expert costs its deviation from that mean instead of its output.
+        refit: closed-form ridge least-squares fit of the experts' output weights and biases to
+            the dense FFN's output under the final routing (no gradient steps).
+        fit_tokens: calibration tokens kept per layer for the router, compensation and refit.
+            Router, compensation and refit run layer after layer on the inputs each layer gets
+            from the already converted layers before it; padding tokens (attention_mask 0) of
+            dict batches are left out.
+        top_p, min_k: dynamic-k routing (Huang et al. 2024): keep routed experts while the
+            softmax of the router logits has not reached ``top_p``, at least ``min_k`` and at
+            most ``top_k`` per token.
 
     With ``top_k == num_experts - num_shared`` the converted model computes what ``model`` does.
     Use the returned module: when the whole model is one traced piece it is a new GraphModule.
     """
     _check_args(num_experts, top_k, method, num_shared)
+    if router not in ROUTERS:
+        raise ValueError(f"moefx.convert: router={router!r} is not one of {ROUTERS}")
+    if method == "upcycle" and (router != "centroid" or compensate or refit):
+        raise ValueError("moefx.convert: router, compensate and refit tune carved experts; method='upcycle' keeps "
+                         "whole copies of the FFN behind a softmax router: use method='split' or 'coactivation'")
+    if (compensate or refit) and router != "distilled":
+        raise ValueError("moefx.convert: compensate and refit need router='distilled': they correct for the experts a "
+                         "token skips, which helps only when the router skips the experts that contribute least "
+                         "(the centroid router often picks the opposite)")
+    if not 0.0 < top_p <= 1.0 or not 1 <= min_k <= top_k:
+        raise ValueError(f"moefx.convert: dynamic-k needs 0 < top_p <= 1 and 1 <= min_k <= top_k; got top_p={top_p}, "
+                         f"min_k={min_k}, top_k={top_k}")
     batches = [] if calibration is None else list(calibration)
     if not batches:
         raise ValueError("moefx.convert: calibration is empty; pass at least one model input (e.g. "
@@ -83,8 +128,9 @@ def convert(
     was_training = target.training
     target.eval()
     try:
+        tuning = dict(router=router, compensate=compensate, refit=refit, fit_tokens=fit_tokens)
         converted, report = _convert(target, batches, num_experts, top_k, method, num_shared, sample_tokens, seed,
-                                     progress)
+                                     progress, tuning, dict(top_p=top_p, min_k=min_k))
     finally:
         target.train(was_training)
     converted.train(was_training)
@@ -110,7 +156,7 @@ def _check_args(num_experts: int, top_k: int, method: str, num_shared: int) -> N
                          f"use top_k={routed} to activate all of them")
 
 
-def _convert(model, batches, num_experts, top_k, method, num_shared, sample_tokens, seed, progress):
+def _convert(model, batches, num_experts, top_k, method, num_shared, sample_tokens, seed, progress, tuning, routing):
     affine = _affine_leaves(model)
     candidates = {name: m for name, m in model.named_modules()
                   if next(m.children(), None) is not None and type(m).forward is not nn.Module.forward}
@@ -159,10 +205,11 @@ def _convert(model, batches, num_experts, top_k, method, num_shared, sample_toke
                              f"num_experts={num_experts} equal experts; pick num_experts from {divisors}")
 
     stats = {}
-    if method == "coactivation" or num_shared:
+    if method == "coactivation" or num_shared or tuning["router"] == "representative":
         with tqdm(total=len(batches), desc="moefx calibration", disable=not progress) as bar:
             stats = collect_hidden_stats({f.name: f.out_module for f in ffns}, {f.name: f.width for f in ffns},
                                          batches, lambda b: call_model(model, b), sample_tokens, bar)
+    carved = []
     with tqdm(total=len(ffns), desc=f"moefx {method}", disable=not progress) as bar:
         for ffn in ffns:
             if method == "upcycle":
@@ -170,15 +217,55 @@ def _convert(model, batches, num_experts, top_k, method, num_shared, sample_toke
             else:
                 shared, groups = partition(ffn, stats.get(ffn.name), method, num_experts, num_shared, seed)
                 layer = carved_layer(ffn, shared, groups, top_k)
+                if tuning["router"] == "representative":
+                    representative_router(layer, ffn, groups, stats[ffn.name].samples)
+                carved.append((ffn, layer))
+            for key, value in routing.items():
+                setattr(layer, key, value)
             gm = pieces[ffn.piece][0]
+            inputs = [_join(ffn.piece, n.target) for n in ffn.nodes
+                      if n.op == "call_module" and n is not ffn.output_node and _join(ffn.piece, n.target) in affine]
             _release_dense_weights(ffn, gm, affine)
             moe_name = replace_ffn(gm, ffn, layer)
             report.converted.append(f"{ffn.name} -> {_join(ffn.piece, moe_name)}")
+            report.layers.append(LayerOrigin(_join(ffn.piece, moe_name), inputs, ffn.name))
             bar.update(1)
     for skipped in report.skipped:
         log.warning("moefx.convert: not converted: %s", skipped)
 
-    return _install(model, {name: gm for name, (gm, _) in pieces.items()}), report
+    model = _install(model, {name: gm for name, (gm, _) in pieces.items()})
+    if carved and (tuning["router"] == "distilled" or tuning["compensate"] or tuning["refit"]):
+        _tune_sequentially(model, [layer for _, layer in carved], [ffn.name for ffn, _ in carved], batches, tuning,
+                           seed, progress)
+    return model, report
+
+
+def _tune_sequentially(model, layers, names, batches, tuning, seed, progress):
+    """Router distillation, compensation and refit, layer by layer in execution order, each on the
+    inputs the layer receives from the already tuned layers before it. The carved layer with every
+    expert active is the dense FFN, so it gives the refit's target before it is changed."""
+    order = list(record_calls(model, {str(i): layer for i, layer in enumerate(layers)},
+                              lambda: run_batch(lambda b: call_model(model, b), batches[0], 0)))
+    run = lambda b: call_model(model, b)  # noqa: E731
+    with tqdm(total=len(order), desc="moefx tune", disable=not progress) as bar:
+        for index in order:
+            layer, name = layers[int(index)], names[int(index)]
+            x = capture_inputs(layer, batches, run, tuning["fit_tokens"])
+            if layer.top_k >= layer.num_experts:  # every expert runs: the layer is exact as it is
+                bar.update(1)
+                continue
+            dense = dense_output(layer, x)
+            if tuning["compensate"] or tuning["refit"]:
+                compensate_layer(layer, x)
+            if tuning["router"] == "distilled":
+                recall = distill_router(layer, x, seed=seed)
+                log.debug("moefx: %s distilled router recall %.3f", name, recall)
+                if tuning["compensate"] or tuning["refit"]:
+                    compensate_layer(layer, x)
+            if tuning["refit"]:
+                error = refit_layer(layer, x, dense)
+                log.debug("moefx: %s refit relative error %.4f", name, error)
+            bar.update(1)
 
 
 def _install(model: nn.Module, pieces: dict[str, nn.Module]) -> nn.Module:

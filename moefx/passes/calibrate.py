@@ -78,3 +78,42 @@ def run_batch(run: Callable[[Any], Any], batch: Any, index: int) -> Any:
         raise ValueError(f"moefx: the model rejected calibration batch {index} ({type(error).__name__}: {error}); "
                          "each batch must be a model input: a tensor, a tuple of positional arguments, or a dict "
                          "of keyword arguments") from error
+
+
+class _Captured(Exception):
+    """Raised by the capture hook to end a forward once the layer's input is recorded."""
+
+
+def capture_inputs(module: nn.Module, batches: Iterable[Any], run: Callable[[Any], Any], limit: int) -> Tensor:
+    """Rows of ``module``'s first input over the calibration batches, at most ``limit`` (fp32).
+
+    Each forward stops at ``module``. Rows that are padding (a dict batch whose ``attention_mask``
+    has one entry per row) are left out, so fits see only real tokens."""
+    rows: list[Tensor] = []
+    mask: dict[str, Optional[Tensor]] = {"current": None}
+
+    def hook(mod, args):
+        x = args[0].detach()
+        flat = x.reshape(-1, x.shape[-1]).float()
+        keep = mask["current"]
+        if keep is not None and keep.numel() == flat.shape[0]:
+            flat = flat[keep.reshape(-1).to(torch.bool)]
+        rows.append(flat)
+        raise _Captured
+
+    handle = module.register_forward_pre_hook(hook)
+    try:
+        for index, batch in enumerate(batches):
+            if sum(len(r) for r in rows) >= limit:
+                break
+            mask["current"] = batch.get("attention_mask") if isinstance(batch, dict) else None
+            try:
+                run_batch(run, batch, index)
+            except ValueError as error:
+                if not isinstance(error.__cause__, _Captured):
+                    raise
+    finally:
+        handle.remove()
+    if not rows:
+        raise ValueError("moefx: the calibration batches never reach an MoE layer; check that they are model inputs")
+    return torch.cat(rows)[:limit]

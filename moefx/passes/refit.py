@@ -1,0 +1,119 @@
+"""Training-free corrections of a carved MoE layer on calibration data.
+
+- ``compensate``: the experts a token skips still contribute their *mean* output on the tokens
+  that skip them. Each expert gets output bias -c_e and the layer bias +sum_e c_e, so
+  y = sum_e c_e + sum_{e kept} (f_e(x) - c_e): all experts kept still gives the dense FFN, and
+  a skipped expert now costs its deviation from c_e instead of its whole output.
+- ``refit``: with the routing fixed, the layer output is linear in the experts' output weights
+  and biases, so a ridge least-squares fit to the dense FFN output on the calibration tokens
+  solves for them in closed form (no gradient steps; the OBS / SparseGPT style of
+  reconstruction, applied to MoEfication's experts). The ridge pulls towards the carved weights.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from moefx.layer import MoELayer
+from moefx.op import ACTIVATIONS, route
+
+
+@torch.no_grad()
+def dense_output(layer: MoELayer, x: Tensor, chunk: int = 4096) -> Tensor:
+    """The layer's output on rows ``x`` with every routed expert at gate 1 (fp32): for a carved layer
+    before any correction, exactly the dense FFN it was carved from."""
+    outs = []
+    for start in range(0, x.shape[0], chunk):
+        rows = x[start:start + chunk].float()
+        y = expert_outputs(layer, rows).sum(1)
+        if layer.shared_in is not None:
+            y = y + layer.shared_out(layer._act(layer.shared_in(rows.to(layer.shared_in.weight.dtype)))).float()
+        outs.append(y if layer.bias is None else y + layer.bias.float())
+    return torch.cat(outs)
+
+
+def expert_hidden(layer: MoELayer, x: Tensor) -> Tensor:
+    """h of every routed expert: [T, E, expert_width]."""
+    a = torch.einsum("th,efh->tef", x, layer.w_in.float())
+    if layer.b_in is not None:
+        a = a + layer.b_in.float()
+    act = ACTIVATIONS[layer.activation]
+    return act(a[..., 0::2]) * a[..., 1::2] if layer.gated else act(a)
+
+
+def expert_outputs(layer: MoELayer, x: Tensor) -> Tensor:
+    """f_e(x) of every routed expert, biases included: [T, E, H]."""
+    out = torch.einsum("tef,ehf->teh", expert_hidden(layer, x), layer.w_out.float())
+    return out if layer.b_out is None else out + layer.b_out.float()
+
+
+def selection(layer: MoELayer, x: Tensor) -> Tensor:
+    """[T, E] gate of each routed expert per token as the layer routes ``x`` (0 where skipped)."""
+    gates, ids = route(x, layer.router.weight, layer.router.bias, layer.top_k, layer.scoring, layer.renormalize,
+                       layer.top_p, layer.min_k, layer.gate_scale)
+    full = torch.zeros(x.shape[0], layer.router.out_features, dtype=gates.dtype)
+    full.scatter_add_(1, ids, gates)
+    return full[:, :layer.num_experts]
+
+
+def _ensure_expert_bias(layer: MoELayer) -> None:
+    if layer.b_out is None:
+        layer.b_out = torch.nn.Parameter(torch.zeros(layer.num_experts, layer.hidden, dtype=layer.w_out.dtype,
+                                                     device=layer.w_out.device))
+    if layer.bias is None:
+        layer.bias = torch.nn.Parameter(torch.zeros(layer.hidden, dtype=layer.w_out.dtype, device=layer.w_out.device))
+
+
+@torch.no_grad()
+def compensate(layer: MoELayer, x: Tensor) -> None:
+    """Give each expert its mean output over the calibration tokens that skip it as a standing bias."""
+    _ensure_expert_bias(layer)
+    skipped = (selection(layer, x) == 0).float()                        # [T, E]
+    outputs = expert_outputs(layer, x)                                  # [T, E, H]
+    mean = torch.einsum("te,teh->eh", skipped, outputs) / skipped.sum(0).clamp(min=1)[:, None]
+    layer.b_out -= mean.to(layer.b_out.dtype)
+    layer.bias += mean.sum(0).to(layer.bias.dtype)
+
+
+@torch.no_grad()
+def refit(layer: MoELayer, x: Tensor, target: Tensor, ridge: float = 1e-2, chunk: int = 4096) -> float:
+    """Least-squares fit of the output weights (shared and routed), the expert output biases and the
+    layer bias so that the layer reproduces ``target`` (the dense FFN's output, ``dense_output``)
+    on rows ``x`` under the layer's own routing. Returns the relative error after the fit."""
+    _ensure_expert_bias(layer)
+    E, Fe, H = layer.num_experts, layer.expert_width, layer.hidden
+    current = [layer.w_out.float().permute(0, 2, 1).reshape(E * Fe, H), layer.b_out.float(),
+               layer.bias.float()[None]]
+    if layer.shared_out is not None:
+        current.insert(0, layer.shared_out.weight.float().T)
+    w0 = torch.cat(current).double()
+    dim = w0.shape[0]
+    gram = torch.zeros(dim, dim, dtype=torch.float64)
+    cross = torch.zeros(dim, H, dtype=torch.float64)
+    for start in range(0, x.shape[0], chunk):
+        features = _features(layer, x[start:start + chunk].float())
+        gram += (features.T @ features).double()
+        cross += (features.T @ target[start:start + chunk].float()).double()
+    scale = gram.diagonal().clamp(min=1e-12) * ridge
+    solved = torch.linalg.solve(gram + torch.diag(scale), cross + scale[:, None] * w0)
+    offset = 0
+    if layer.shared_out is not None:
+        width = layer.shared_width
+        layer.shared_out.weight.copy_(solved[:width].T)
+        offset = width
+    layer.w_out.copy_(solved[offset:offset + E * Fe].reshape(E, Fe, H).permute(0, 2, 1))
+    layer.b_out.copy_(solved[offset + E * Fe:offset + E * Fe + E])
+    layer.bias.copy_(solved[-1])
+    residual = sum(((_features(layer, x[s:s + chunk].float()) @ solved.float()) - target[s:s + chunk].float())
+                   .pow(2).sum() for s in range(0, x.shape[0], chunk))
+    return (residual / target.float().pow(2).sum()).sqrt().item()
+
+
+def _features(layer: MoELayer, x: Tensor) -> Tensor:
+    """[T, Fs + E*Fe + E + 1]: shared h, routed h times the gate, gate per expert, constant 1."""
+    gates = selection(layer, x)
+    routed = (expert_hidden(layer, x) * gates[..., None]).reshape(x.shape[0], -1)
+    parts = [routed, gates, torch.ones(x.shape[0], 1)]
+    if layer.shared_in is not None:
+        parts.insert(0, layer._act(layer.shared_in(x.to(layer.shared_in.weight.dtype)).float()))
+    return torch.cat(parts, 1)

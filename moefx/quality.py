@@ -1,0 +1,158 @@
+"""``moefx.evaluate``: how close a converted model stays to its dense original, layer by layer.
+
+Per MoE layer, on the evaluation data:
+- ``local_error``: ||moe(x) - ffn(x)|| / ||ffn(x)|| with x the dense model's FFN input (the layer alone);
+- ``drift_error``: the same with the MoE model's own FFN input and output (errors of earlier layers included);
+- ``router_recall``: share of the oracle's top_k experts (largest ||f_e(x)||) that the router picks;
+- ``active_experts``: mean routed experts per token (data-dependent under dynamic-k) and the
+  resulting ``active_fraction`` of the FFN's neurons; ``load``: share of routed slots per expert.
+Model level: ``output_cosine``, the mean cosine of the two models' outputs (last dimension).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Optional
+
+import torch
+from torch import Tensor, nn
+from torch.utils import _pytree as pytree
+
+from moefx.convert import call_model
+from moefx.layer import MoELayer
+from moefx.passes.refit import selection
+from moefx.passes.routers import oracle_scores
+
+
+@dataclass
+class LayerQuality:
+    name: str
+    local_error: float
+    drift_error: float
+    router_recall: float
+    active_experts: float
+    active_fraction: float
+    load: list[float]
+
+
+@dataclass
+class QualityReport:
+    layers: list[LayerQuality]
+    output_cosine: float
+    plot: Optional[str] = None
+    notes: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        header = (f"{'layer':<36} {'local err':>9} {'drift err':>9} {'recall':>7} {'experts/tok':>11} "
+                  f"{'active FFN':>10}")
+        rows = [header, "-" * len(header)]
+        rows += [f"{l.name:<36} {l.local_error:>9.4f} {l.drift_error:>9.4f} {l.router_recall:>7.3f} "
+                 f"{l.active_experts:>11.2f} {l.active_fraction:>10.1%}" for l in self.layers]
+        rows.append(f"output cosine to the dense model: {self.output_cosine:.4f}")
+        if self.plot:
+            rows.append(f"expert load plot: {self.plot}")
+        return "\n".join(rows + self.notes)
+
+
+def _first_tensor(output: Any) -> Tensor:
+    for leaf in pytree.tree_leaves(output if not hasattr(output, "to_tuple") else output.to_tuple()):
+        if isinstance(leaf, Tensor) and leaf.is_floating_point():
+            return leaf
+    raise ValueError("moefx.evaluate: the model output holds no floating-point tensor to compare")
+
+
+def _record(model: nn.Module, names: dict[str, str], batch: Any, want_input: bool) -> tuple[dict, Any]:
+    """Run ``batch``; return {key: input or output of module name} and the model output."""
+    seen: dict[str, Tensor] = {}
+    handles = []
+    for key, name in names.items():
+        module = model.get_submodule(name)
+        if want_input:
+            handles.append(module.register_forward_pre_hook(
+                lambda m, a, key=key: seen.setdefault(key, a[0].detach())))
+        else:
+            handles.append(module.register_forward_hook(
+                lambda m, a, out, key=key: seen.setdefault(key, out.detach())))
+    try:
+        with torch.no_grad():
+            output = call_model(model, batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen, output
+
+
+def evaluate(dense: nn.Module, moe: nn.Module, data: Iterable[Any], plot: Optional[str] = None) -> QualityReport:
+    """Compare ``moe`` (returned by ``moefx.convert(dense, ...)``) with ``dense`` on model inputs ``data``;
+    write a PNG of the expert load per layer to ``plot`` if given (needs matplotlib)."""
+    report = getattr(moe, "moefx_report", None)
+    if report is None or not report.layers:
+        raise ValueError("moefx.evaluate: `moe` carries no conversion record; pass the model moefx.convert returned")
+    origins = report.layers
+    sums = {o.moe: dict(local=0.0, drift=0.0, ref_local=0.0, ref_drift=0.0, hits=0.0, picks=0.0, slots=0.0,
+                        tokens=0, load=None) for o in origins}
+    cosines = []
+    for batch in data:
+        dense_in, _ = _record(dense, {o.moe: o.dense_inputs[0] for o in origins}, batch, True)
+        dense_out, dense_result = _record(dense, {o.moe: o.dense_output for o in origins}, batch, False)
+        moe_in, moe_result = _record(moe, {o.moe: o.moe for o in origins}, batch, True)
+        moe_out, _ = _record(moe, {o.moe: o.moe for o in origins}, batch, False)
+        a, b = _first_tensor(dense_result).float(), _first_tensor(moe_result).float()
+        cosines.append(torch.nn.functional.cosine_similarity(a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1]),
+                                                             dim=-1))
+        for o in origins:
+            layer: MoELayer = moe.get_submodule(o.moe)
+            s = sums[o.moe]
+            ref = dense_out[o.moe].float()
+            with torch.no_grad():
+                local = layer(dense_in[o.moe].to(layer.w_in.dtype)).float()
+            s["local"] += (local - ref).pow(2).sum().item()
+            s["ref_local"] += ref.pow(2).sum().item()
+            s["drift"] += (moe_out[o.moe].float() - ref).pow(2).sum().item()
+            s["ref_drift"] += ref.pow(2).sum().item()
+            x = moe_in[o.moe].reshape(-1, layer.hidden).float()
+            gates = selection(layer, x)
+            picked = gates != 0
+            oracle = oracle_scores(layer, x).topk(min(layer.top_k, layer.num_experts), -1).indices
+            s["hits"] += picked.gather(1, oracle).sum().item()
+            s["picks"] += oracle.numel()
+            s["slots"] += picked.sum().item()
+            s["tokens"] += x.shape[0]
+            load = picked.sum(0).double()
+            s["load"] = load if s["load"] is None else s["load"] + load
+    layers = []
+    for o in origins:
+        s, layer = sums[o.moe], moe.get_submodule(o.moe)
+        active = s["slots"] / max(s["tokens"], 1)
+        width = layer.num_experts * layer.expert_width + layer.shared_width
+        layers.append(LayerQuality(o.moe, (s["local"] / s["ref_local"]) ** 0.5, (s["drift"] / s["ref_drift"]) ** 0.5,
+                                   s["hits"] / max(s["picks"], 1), active,
+                                   (active * layer.expert_width + layer.shared_width) / width,
+                                   (s["load"] / s["load"].sum()).tolist()))
+    result = QualityReport(layers, torch.cat(cosines).mean().item())
+    if plot:
+        result.plot = plot_load(layers, plot)
+    return result
+
+
+def plot_load(layers: list[LayerQuality], path: str) -> str:
+    """Heat map of the share of routed slots each expert receives, one row per layer."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as error:
+        raise ImportError("moefx.evaluate(plot=...) needs matplotlib: pip install matplotlib") from error
+    width = max(len(l.load) for l in layers)
+    grid = torch.full((len(layers), width), float("nan"))
+    for i, l in enumerate(layers):
+        grid[i, :len(l.load)] = torch.tensor(l.load)
+    figure, axes = plt.subplots(figsize=(1 + 0.5 * width, 1 + 0.4 * len(layers)))
+    image = axes.imshow(grid.numpy(), aspect="auto", cmap="viridis")
+    axes.set_xlabel("expert")
+    axes.set_yticks(range(len(layers)), [l.name for l in layers], fontsize=7)
+    axes.set_title("share of routed tokens per expert")
+    figure.colorbar(image, ax=axes)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
