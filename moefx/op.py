@@ -113,6 +113,20 @@ def expert_ffn(x: Tensor, w_in: Tensor, b_in: Optional[Tensor], w_out: Tensor, b
     return F.linear(h, w_out, b_out)
 
 
+def _computing_experts(ids: Tensor, num_choices: int, num_experts: int, num_zero: int):
+    """(expert, its slots in the flattened [T * top_k] choices, their tokens) for every chosen expert
+    that computes something: zero experts and unchosen ones are skipped."""
+    flat_ids = ids.flatten()
+    token_of_slot = torch.arange(ids.shape[0], device=ids.device).repeat_interleave(ids.shape[1])
+    order = flat_ids.argsort(stable=True)
+    start = 0
+    for e, count in enumerate(torch.bincount(flat_ids, minlength=num_choices).tolist()):
+        slots = order[start:start + count]
+        start += count
+        if count and not num_experts <= e < num_experts + num_zero:
+            yield e, slots, token_of_slot[slots]
+
+
 def moe_reference(
     x: Tensor, router_input: Tensor, w_router: Tensor, b_router: Optional[Tensor],
     w_in: Tensor, b_in: Optional[Tensor], w_out: Tensor, b_out: Optional[Tensor],
@@ -125,24 +139,15 @@ def moe_reference(
     acc = gates.dtype
     xf = x.to(acc)
     out = torch.zeros_like(xf)
-    flat_ids, flat_gates = ids.flatten(), gates.flatten()
-    token_of_slot = torch.arange(x.shape[0], device=x.device).repeat_interleave(top_k)
-    order = flat_ids.argsort(stable=True)
-    counts = torch.bincount(flat_ids, minlength=w_router.shape[0]).tolist()
-    start = 0
-    for e, count in enumerate(counts):
-        slots = order[start:start + count]
-        start += count
-        if count == 0 or e < num_experts + num_zero and e >= num_experts:
-            continue
-        tokens = token_of_slot[slots]
+    flat_gates = gates.flatten()
+    for e, slots, tokens in _computing_experts(ids, w_router.shape[0], num_experts, num_zero):
         if e < num_experts:
             y = expert_ffn(xf[tokens], w_in[e].to(acc), None if b_in is None else b_in[e].to(acc),
                            w_out[e].to(acc), None if b_out is None else b_out[e].to(acc), activation, gated)
         elif e < num_experts + num_zero + num_copy:
             y = xf[tokens]
         else:
-            y = const_experts[e - num_experts - num_zero - num_copy].to(acc).expand(count, -1)
+            y = const_experts[e - num_experts - num_zero - num_copy].to(acc).expand(len(slots), -1)
         out.index_add_(0, tokens, y * flat_gates[slots, None])
     return out.to(x.dtype)
 
@@ -202,17 +207,8 @@ def moe_backward(
     db_in = None if b_in is None else torch.zeros_like(b_in, dtype=acc)
     db_out = None if b_out is None else torch.zeros_like(b_out, dtype=acc)
     d_const = None if const_experts is None else torch.zeros_like(const_experts, dtype=acc)
-    flat_ids, flat_gates, flat_dgates = ids.flatten(), gates.flatten(), d_gates.view(-1)
-    token_of_slot = torch.arange(x.shape[0], device=x.device).repeat_interleave(top_k)
-    order = flat_ids.argsort(stable=True)
-    counts = torch.bincount(flat_ids, minlength=w_router.shape[0]).tolist()
-    start = 0
-    for e, count in enumerate(counts):
-        slots = order[start:start + count]
-        start += count
-        if count == 0 or num_experts <= e < num_experts + num_zero:
-            continue
-        tokens = token_of_slot[slots]
+    flat_gates, flat_dgates = gates.flatten(), d_gates.view(-1)
+    for e, slots, tokens in _computing_experts(ids, w_router.shape[0], num_experts, num_zero):
         g_out = dout[tokens]
         if e < num_experts:
             xe = xf[tokens]
@@ -244,7 +240,7 @@ def moe_backward(
             dx.index_add_(0, tokens, g_out * flat_gates[slots, None])
         else:
             j = e - num_experts - num_zero - num_copy
-            y = const_experts[j].to(acc).expand(count, -1)
+            y = const_experts[j].to(acc).expand(len(slots), -1)
             d_const[j] = (g_out * flat_gates[slots, None]).sum(0)
         flat_dgates[slots] = (g_out * y).sum(-1)
 
