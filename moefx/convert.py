@@ -81,7 +81,8 @@ def convert(
         calibration: model inputs (dict of kwargs, tuple of args, or a tensor). At least one is
             needed to trace the model; ``coactivation`` and ``num_shared`` use all for statistics.
         method: "split" (MoEfication k-means on W_in), "coactivation" (cluster by activation
-            pattern), or "upcycle" (copies of the FFN; sparse upcycling).
+            pattern), "random" (MoEfication's random split baseline), or "upcycle" (copies of the
+            FFN; sparse upcycling).
         num_shared: experts made of the neurons with the highest activation rate, always active.
         inplace: convert ``model`` itself instead of a copy (saves the copy's memory).
         sample_tokens: hidden-activation rows kept per FFN for co-activation clustering.
@@ -110,8 +111,9 @@ def convert(
     if method == "upcycle" and (router != "centroid" or compensate or refit):
         raise ValueError("moefx.convert: router, compensate and refit tune carved experts; method='upcycle' keeps "
                          "whole copies of the FFN behind a softmax router: use method='split' or 'coactivation'")
-    if (compensate or refit) and router != "distilled":
-        raise ValueError("moefx.convert: compensate and refit need router='distilled': they correct for the experts a "
+    if compensate and not refit and router != "distilled":
+        raise ValueError("moefx.convert: compensate needs router='distilled' (or refit=True): it corrects for "
+                         "the experts a "
                          "token skips, which helps only when the router skips the experts that contribute least "
                          "(the centroid router often picks the opposite)")
     if not 0.0 < top_p <= 1.0 or not 1 <= min_k <= top_k:

