@@ -137,7 +137,18 @@ def convert(
         target.train(was_training)
     converted.train(was_training)
     converted.moefx_report = report
+    converted.moefx_recipe = dict(num_experts=num_experts, top_k=top_k, num_shared=num_shared, top_p=top_p, min_k=min_k,
+                                  example=_first_row(batches[0]))
     return converted
+
+
+def _first_row(batch: Any) -> Any:
+    """One row of a calibration batch: enough for ``moefx.load_pretrained`` to trace the model again."""
+    if isinstance(batch, dict):
+        return {k: v[:1].clone() if isinstance(v, torch.Tensor) and v.dim() else v for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(v[:1].clone() if isinstance(v, torch.Tensor) and v.dim() else v for v in batch)
+    return batch[:1].clone() if isinstance(batch, torch.Tensor) and batch.dim() else batch
 
 
 def _check_args(num_experts: int, top_k: int, method: str, num_shared: int) -> None:

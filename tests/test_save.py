@@ -1,0 +1,49 @@
+"""Save a converted model (safetensors) and load it back: same outputs, same structure."""
+import pytest
+import torch
+from torch import nn
+
+import moefx
+from moefx.hf_save import load_pretrained, save_pretrained
+
+
+class FFN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = nn.Linear(16, 64), nn.Linear(64, 16)
+
+    def forward(self, x):
+        return self.down(torch.nn.functional.gelu(self.up(x)))
+
+
+def test_tuned_plain_module_round_trips(tmp_path):
+    torch.manual_seed(0)
+    dense = FFN().eval()
+    calibration = [torch.randn(64, 16) for _ in range(3)]
+    moe = moefx.convert(dense, 8, 2, calibration, method="coactivation", num_shared=1, router="representative", refit=True,
+                        progress=False)
+    save_pretrained(moe, str(tmp_path))
+    loaded = load_pretrained(str(tmp_path), model=FFN())
+    x = torch.randn(32, 16)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), moe(x))
+
+
+def test_transformers_model_round_trips_from_its_config(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                     vocab_size=100)
+    dense = transformers.BertModel(config).eval()
+    batch = {"input_ids": torch.randint(0, 100, (4, 12)), "attention_mask": torch.ones(4, 12, dtype=torch.long)}
+    moe = moefx.convert(dense, 4, 2, [batch], method="split", refit=True,
+                        progress=False)
+    save_pretrained(moe, str(tmp_path))
+    loaded = load_pretrained(str(tmp_path))
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch).last_hidden_state, moe(**batch).last_hidden_state)
+
+
+def test_saving_needs_a_converted_model(tmp_path):
+    with pytest.raises(ValueError, match="save the model that moefx.convert returned"):
+        save_pretrained(FFN(), str(tmp_path))
