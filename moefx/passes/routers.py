@@ -48,7 +48,7 @@ def oracle_scores(layer: MoELayer, x: Tensor, chunk: int = 2048) -> Tensor:
 
 
 def distill_router(layer: MoELayer, x: Tensor, epochs: int = 30, batch: int = 512, lr: float = 3e-3,
-                   seed: int = 0, min_steps: int = 600) -> float:
+                   seed: int = 0, min_steps: int = 300) -> float:
     """Train the layer's linear router to select the oracle's top_k experts on rows ``x``.
 
     Returns the router's recall of the oracle choice on ``x`` after training."""
