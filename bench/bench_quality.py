@@ -119,7 +119,7 @@ def main() -> None:
                     rows.append(("MoEfication", method, "oracle", top_k, score(moe), seconds))
                 print(*rows[-3:], sep="\n", flush=True)
         for label, options in (
-            ("refit", dict(router="representative", refit=True)),
+            ("representative+refit", dict(router="representative", refit=True)),
             ("distilled+comp", dict(router="distilled", compensate=True)),
             ("distilled+refit", dict(router="distilled", refit=True)),
         ):
