@@ -4,12 +4,15 @@ convert (moefx.convert) -> fuse (torch.ops.moefx.moe, moefx.codegen) -> compile
 (torch.compile(backend="moefx")) -> export (moefx.export_onnx).
 """
 from moefx import backend  # noqa: F401  (registers torch.compile(backend="moefx"))
-from moefx.convert import ConversionReport, convert
+from moefx.convert import ConversionReport, LayerOrigin, convert
+from moefx.hf_save import load_pretrained, save_pretrained
 from moefx.layer import MoELayer
 from moefx.op import moe_op
+from moefx.quality import QualityReport, evaluate
 from moefx.summary import Summary, summary
 
-__all__ = ["ConversionReport", "MoELayer", "Summary", "convert", "export_onnx", "moe_op", "summary"]
+__all__ = ["ConversionReport", "LayerOrigin", "MoELayer", "QualityReport", "Summary", "convert", "evaluate",
+           "export_onnx", "load_pretrained", "moe_op", "save_pretrained", "summary"]
 __version__ = "0.1.0"
 
 
