@@ -19,6 +19,14 @@ def activate(a, ACTIVATION: tl.constexpr):
 
 
 @triton.jit
+def dot(a, b, acc, FP32_DOT: tl.constexpr):
+    """acc + a @ b; fp32 operands keep IEEE precision (the reference's), half types use tensor cores."""
+    if FP32_DOT:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
 def column(matrix, cols, k):
     """Column ``k`` (runtime) of a [rows, cols] tile: Triton tiles have no dynamic indexing."""
     return tl.sum(tl.where(cols[None, :] == k, matrix, 0), axis=1)

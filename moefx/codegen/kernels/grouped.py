@@ -8,7 +8,7 @@ The grid is sized by the bound ceil(T*top_k / BLOCK_M) + E; programs past the la
 import triton
 import triton.language as tl
 
-from moefx.codegen.kernels.common import activate
+from moefx.codegen.kernels.common import activate, dot
 
 
 @triton.jit
@@ -58,16 +58,10 @@ def grouped_up_kernel(
         k_ok = kk < hidden - k0
         a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
-        if FP32_DOT:
-            acc = tl.dot(a, w, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, w, acc)
+        acc = dot(a, w, acc, FP32_DOT)
         if GATED:
             w_up = tl.load(w_ptrs + stride_wn, mask=k_ok[:, None], other=0.0)
-            if FP32_DOT:
-                acc_up = tl.dot(a, w_up, acc_up, input_precision="ieee")
-            else:
-                acc_up = tl.dot(a, w_up, acc_up)
+            acc_up = dot(a, w_up, acc_up, FP32_DOT)
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
     if HAS_BIAS:
@@ -106,10 +100,7 @@ def grouped_down_kernel(
         k_ok = kk < width - k0
         a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
-        if FP32_DOT:
-            acc = tl.dot(a, w, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, w, acc)
+        acc = dot(a, w, acc, FP32_DOT)
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
     if HAS_BIAS:
