@@ -45,6 +45,16 @@ def moe_layers(model):
     return {name: m for name, m in model.named_modules() if isinstance(m, MoELayer)}
 
 
+def run_with_hooks(model, batch: dict, hooks: list) -> None:
+    """One no-grad forward of ``model`` on ``batch``, removing ``hooks`` afterwards."""
+    try:
+        with torch.no_grad():
+            model(**batch)
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
 def keep_argument(store: dict, key, position: int):
     """A forward pre-hook keeping positional argument ``position`` of the first call under ``key``."""
     def hook(module, args, *kwargs):
@@ -63,10 +73,7 @@ def test_exact_with_all_experts_and_each_layer_routes_from_its_block_input(llama
     hooks = [moe.layers[i].register_forward_pre_hook(keep_argument(block_inputs, i, 0), with_kwargs=True)
              for i in range(2)]
     hooks += [moe.layers[i].mlp.moe.register_forward_pre_hook(keep_argument(router_inputs, i, 1)) for i in range(2)]
-    with torch.no_grad():
-        moe(**held_out)
-    for hook in hooks:
-        hook.remove()
+    run_with_hooks(moe, held_out, hooks)
     for i in range(2):
         assert torch.equal(router_inputs[i], block_inputs[i])  # the residual stream before the attention
         assert ROUTER_INPUT in [n.target for n in moe.layers[i].mlp.graph.nodes if n.op == "placeholder"]
@@ -110,11 +117,8 @@ def oracle_recall(model, batch) -> dict[str, float]:
             picked = torch.zeros(int(keep.sum()), layer.num_experts).scatter_(1, routing(layer, r)[1][keep], 1.0)
             recall[name] = picked.gather(1, oracle).mean().item()
         return hook
-    hooks = [layer.register_forward_pre_hook(measure(name)) for name, layer in moe_layers(model).items()]
-    with torch.no_grad():
-        model(**batch)
-    for hook in hooks:
-        hook.remove()
+    run_with_hooks(model, batch, [layer.register_forward_pre_hook(measure(name))
+                                  for name, layer in moe_layers(model).items()])
     return recall
 
 
@@ -157,12 +161,7 @@ def test_lookahead_ids_are_the_experts_the_op_uses(pregated_llama, monkeypatch):
         used.append(ids)
         return gates, ids
     monkeypatch.setattr(moefx.op, "route", recording_route)  # what the op's reference implementation calls
-    try:
-        with torch.no_grad():
-            pregated_llama(**batch)
-    finally:
-        for hook in hooks:
-            hook.remove()
+    run_with_hooks(pregated_llama, batch, hooks)
     assert order == list(ahead) and len(used) == 2
     for name, ids in zip(order, used):
         assert ahead[name].shape == (27, 2)
@@ -266,12 +265,7 @@ def test_evaluate_routes_pregated_layers_from_their_block_input(llama, pregated_
     ffn_inputs = {}
     hooks = [layer.register_forward_pre_hook(keep_argument(ffn_inputs, name, 0))
              for name, layer in moe_layers(pregated_llama).items()]
-    try:
-        with torch.no_grad():
-            pregated_llama(**batch)
-    finally:
-        for hook in hooks:
-            hook.remove()
+    run_with_hooks(pregated_llama, batch, hooks)
     for quality in report.layers:
         layer = pregated_llama.get_submodule(quality.name)
         x = ffn_inputs[quality.name].reshape(-1, layer.hidden)

@@ -28,17 +28,19 @@ def _carved(model, calibration, **extra):
     return layer
 
 
-def _oracle_target(layer, x):
+def _oracle_target(**extra):
+    """A carved tiny FFN with ``extra`` zero-computation experts, its calibration rows, the oracle scores and
+    the top-2 oracle target over every router output."""
+    model, calibration = _model_and_data()
+    x = torch.cat(calibration)
+    layer = _carved(model, calibration, **extra)
     scores = oracle_scores(layer, x)
     target = torch.zeros(len(x), layer.router.out_features).scatter_(1, scores.topk(2, -1).indices, 1.0)
-    return scores, target
+    return model, x, layer, scores, target
 
 
 def test_one_zero_expert_takes_the_weakest_slot_where_it_is_smallest_relative_to_the_output():
-    model, calibration = _model_and_data()
-    x = torch.cat(calibration)
-    layer = _carved(model, calibration, num_zero=1)
-    scores, target = _oracle_target(layer, x)
+    model, x, layer, scores, target = _oracle_target(num_zero=1)
     share = free_slots(layer, x, scores, target)
     # independently: the weakest of each token's two oracle experts, for the 1/9 of all slots where it is
     # smallest relative to the token's FFN output (the sum of all carved experts: the dense FFN)
@@ -56,10 +58,7 @@ def test_one_zero_expert_takes_the_weakest_slot_where_it_is_smallest_relative_to
 
 
 def test_two_zero_experts_free_a_tokens_slots_weakest_first():
-    model, calibration = _model_and_data()
-    x = torch.cat(calibration)
-    layer = _carved(model, calibration, num_zero=2)
-    scores, target = _oracle_target(layer, x)
+    model, x, layer, scores, target = _oracle_target(num_zero=2)
     share = free_slots(layer, x, scores, target)
     assert share == pytest.approx(round(0.2 * len(x) * 2) / (2 * len(x)))
     both = target[:, 9].bool()
@@ -69,10 +68,7 @@ def test_two_zero_experts_free_a_tokens_slots_weakest_first():
 
 
 def test_constant_expert_is_the_mean_weakest_contribution_and_copy_is_used_only_where_nearer_than_zero():
-    model, calibration = _model_and_data()
-    x = torch.cat(calibration)
-    layer = _carved(model, calibration, num_const=1, num_copy=1)
-    scores, target = _oracle_target(layer, x)
+    model, x, layer, scores, target = _oracle_target(num_const=1, num_copy=1)
     free_slots(layer, x, scores, target)
     weakest = scores.topk(2, -1).indices[:, 1]
     contribution = expert_outputs(layer, x)[torch.arange(len(x)), weakest]
