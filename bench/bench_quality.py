@@ -10,8 +10,8 @@ to predict the oracle experts, and the oracle router itself (the top_k experts w
 ||f_e(x)||, computed from every expert: an upper bound for its routers, not deployable).
 
 moefx rows (co-activation split): training-free ones use closed-form solves only (the
-least-squares router and the refit); "1 shared" spends one of the active experts on an
-always-on expert of the Taylor-most-important neurons; "distilled" trains the routers with Adam
+least-squares router and the refit); "S shared" spends S of the active experts on always-on
+experts of the Taylor-most-important neurons; "distilled" trains the routers with Adam
 (seconds per layer); "KD" adds end-to-end distillation steps against the dense model.
 
     PYTHONPATH=. python bench/bench_quality.py [--calibration 1400] [--eval 300]
@@ -99,7 +99,7 @@ def main() -> None:
     parser.add_argument("--eval", type=int, default=300, help="held-out evaluation sentences")
     parser.add_argument("--top-k", type=int, nargs="+", default=[2, 4], help="routed experts of 8 (2: 25%%, 4: 50%%)")
     parser.add_argument("--skip-baselines", action="store_true")
-    parser.add_argument("--distill-steps", type=int, default=150, help="end-to-end KD steps (one batch each)")
+    parser.add_argument("--distill-steps", type=int, default=200, help="end-to-end KD steps (one batch each)")
     args = parser.parse_args()
     torch.manual_seed(0)
     model, tokenizer = load_minilm()
@@ -124,11 +124,13 @@ def main() -> None:
                 with forced_routing(moe, oracle):
                     rows.append(("MoEfication", method, "oracle", top_k, score(moe), seconds))
                 print(*rows[-3:], sep="\n", flush=True)
-        shared = dict(num_shared=1, importance="taylor")  # 1 shared + top_k - 1 routed: the same active share
+        # S shared + (top_k - S) routed experts: the same active share
+        shared = [(f"{s} shared (Taylor)+least-squares+refit (training-free)", top_k - s,
+                   dict(router="least_squares", refit=True, num_shared=s, importance="taylor"))
+                  for s in range(1, top_k // 2 + 1)]
         for label, k, options in (
             ("least-squares+refit (training-free)", top_k, dict(router="least_squares", refit=True)),
-            ("1 shared (Taylor)+least-squares+refit (training-free)", top_k - 1,
-             dict(router="least_squares", refit=True, **shared)),
+            *shared,
             ("distilled+refit", top_k, dict(router="distilled", refit=True)),
             (f"least-squares+refit+KD {args.distill_steps} steps", top_k,
              dict(router="least_squares", refit=True, distill_steps=args.distill_steps)),
