@@ -44,6 +44,7 @@ class Case:
     dtype: str = "float32"
     deterministic: bool = False
     one_expert: bool = False  # router bias sends every token's first choice to expert 0
+    router_hidden: int = 0  # > 0: pre-gating, the router reads its own input of this width instead of x
     entry: str = "moe_triton"  # or "op": through torch.ops.moefx.moe, or "triton_op": torch.ops.moefx.moe_triton
 
     def __str__(self):
@@ -69,6 +70,8 @@ CASES = [
     Case("t2-e8-k4-dynamic-k-zc-decode", 2, 8, 4, top_p=0.5, num_zero=1, num_copy=1, num_const=2),
     Case("t17-e8-k2-fp16", 17, 8, 2, dtype="float16"),
     Case("t1-e8-k2-fp16-decode", 1, 8, 2, dtype="float16", gated=False),
+    Case("t17-e8-k2-pregated", 17, 8, 2, router_hidden=32, num_copy=1),
+    Case("t2-e8-k2-pregated-decode", 2, 8, 2, router_hidden=56),
     # Many router blocks: the permutation's chunked walk over block counts and 64-bit row offsets.
     Case("t1024-e4-k1-many-blocks", 1024, 4, 1, hidden=20, width=12),
 ]
@@ -86,7 +89,9 @@ def make_inputs(case: Case, device="cpu", seed=0):
         return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(dtype).to(device)
 
     x = rand(case.tokens, case.hidden)
-    w_router = rand(choices, case.hidden, scale=2 / math.sqrt(case.hidden))
+    router_hidden = case.router_hidden or case.hidden
+    router_input = rand(case.tokens, router_hidden) if case.router_hidden else x
+    w_router = rand(choices, router_hidden, scale=2 / math.sqrt(router_hidden))
     b_router = rand(choices, scale=0.5) if case.bias else None
     if case.one_expert:
         b_router = torch.zeros(choices, dtype=dtype, device=device) if b_router is None else b_router
@@ -96,7 +101,7 @@ def make_inputs(case: Case, device="cpu", seed=0):
     w_out = rand(case.experts, case.hidden, case.width, scale=1 / math.sqrt(case.width))
     b_out = rand(case.experts, case.hidden, scale=0.1) if case.bias else None
     const = rand(case.num_const, case.hidden) if case.num_const else None
-    return (x, x, w_router, b_router, w_in, b_in, w_out, b_out, const, case.top_k, case.activation, case.gated,
+    return (x, router_input, w_router, b_router, w_in, b_in, w_out, b_out, const, case.top_k, case.activation, case.gated,
             case.scoring, case.renormalize, case.top_p, case.min_k, 1.25, case.num_zero, case.num_copy)
 
 
