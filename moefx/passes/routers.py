@@ -84,11 +84,7 @@ def least_squares_router(layer: MoELayer, x: Tensor, seed: int = 0, router_input
     gram = features.T @ features
     gram += ridge * torch.diag(gram.diagonal().clamp(min=1e-12))
     solved = torch.linalg.solve(gram, features.T @ target)
-    layer.router.weight.copy_(solved[:-1].T)
-    if layer.router.bias is None:
-        layer.router.bias = torch.nn.Parameter(torch.zeros(layer.router.out_features, dtype=layer.router.weight.dtype,
-                                                           device=layer.router.weight.device))
-    layer.router.bias.copy_(solved[-1])
+    set_router(layer, solved[:-1].T, solved[-1])
     chosen = (features @ solved).topk(layer.top_k, -1).indices
     return (target.gather(1, chosen).sum() / target.sum()).item()
 
@@ -96,15 +92,26 @@ def least_squares_router(layer: MoELayer, x: Tensor, seed: int = 0, router_input
 def router_targets(layer: MoELayer, x: Tensor, seed: int, router_input: Optional[Tensor]) -> Tensor:
     """[T, router rows] 0/1: the oracle's top_k experts of each FFN-input row of ``x``, with
     ``free_slots`` handing slots to zero-computation experts when the layer has them."""
+    if router_input is not None and router_input.shape[0] != x.shape[0]:
+        raise ValueError(f"moefx: {router_input.shape[0]} router-input rows for {x.shape[0]} FFN-input rows; the "
+                         "router input must have one row per token the FFN sees")
     scores = oracle_scores(layer, x)
     rows, k = layer.router.out_features, min(layer.top_k, layer.num_experts)
     target = torch.zeros(scores.shape[0], rows).scatter_(1, scores.topk(k, -1).indices, 1.0)
     if rows > layer.num_experts:
         free_slots(layer, x, scores, target, seed)
-    if router_input is not None and router_input.shape[0] != x.shape[0]:
-        raise ValueError(f"moefx: {router_input.shape[0]} router-input rows for {x.shape[0]} FFN-input rows; the "
-                         "router input must have one row per token the FFN sees")
     return target
+
+
+@torch.no_grad()
+def set_router(layer: MoELayer, weight: Tensor, bias: Tensor) -> None:
+    """Copy a fitted router's weight [rows, Hr] and bias [rows] in, giving the router a bias if it had none."""
+    router = layer.router
+    if router.bias is None:
+        router.bias = torch.nn.Parameter(torch.zeros(router.out_features, dtype=router.weight.dtype,
+                                                     device=router.weight.device))
+    router.weight.copy_(weight)
+    router.bias.copy_(bias)
 
 
 def fit_router(layer: MoELayer, inputs: Tensor, target: Tensor, epochs: int = 30, batch: int = 512,
@@ -133,11 +140,7 @@ def fit_router(layer: MoELayer, inputs: Tensor, target: Tensor, epochs: int = 30
     with torch.no_grad():
         new_weight = w / std
         new_bias = b - new_weight @ mean
-        layer.router.weight.copy_(new_weight)
-        if layer.router.bias is None:
-            layer.router.bias = torch.nn.Parameter(torch.zeros(layer.router.out_features, dtype=layer.router.weight.dtype,
-                                                               device=layer.router.weight.device))
-        layer.router.bias.copy_(new_bias)
+        set_router(layer, new_weight, new_bias)
         chosen = (xf @ new_weight.T + new_bias).topk(layer.top_k, -1).indices
         hits = target.gather(1, chosen).sum()
     return (hits / target.sum()).item()
