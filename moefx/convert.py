@@ -149,10 +149,8 @@ def convert(
                          "whole copies of the FFN behind a softmax router: use method='split' or 'coactivation'")
     if compensate and not refit and router not in FITTED_ROUTERS:
         raise ValueError("moefx.convert: compensate needs router='least_squares' or 'distilled' (or refit=True): it "
-                         "corrects for "
-                         "the experts a "
-                         "token skips, which helps only when the router skips the experts that contribute least "
-                         "(the centroid router often picks the opposite)")
+                         "corrects for the experts a token skips, which helps only when the router skips the experts "
+                         "that contribute least (the centroid router often picks the opposite)")
     if not 0.0 < top_p <= 1.0 or not 1 <= min_k <= top_k:
         raise ValueError(f"moefx.convert: dynamic-k needs 0 < top_p <= 1 and 1 <= min_k <= top_k; got top_p={top_p}, "
                          f"min_k={min_k}, top_k={top_k}")
@@ -174,9 +172,8 @@ def convert(
     try:
         teacher = teacher_outputs(lambda b: call_model(target, b), batches) if distill_steps else None
         tuning = dict(router=router, compensate=compensate, refit=refit, fit_tokens=fit_tokens, importance=importance,
-                      granularity=granularity, drop_rate=drop_rate,
+                      granularity=granularity, drop_rate=drop_rate, pregate=pregate,
                       extra=dict(num_zero=num_zero, num_copy=num_copy, num_const=num_const))
-        tuning["pregate"] = pregate
         converted, report = _convert(target, batches, num_experts, top_k, method, num_shared, sample_tokens, seed,
                                      progress, tuning, dict(top_p=top_p, min_k=min_k))
         if distill_steps:
@@ -188,9 +185,9 @@ def convert(
     converted.train(was_training)
     converted.moefx_report = report
     converted.moefx_recipe = dict(num_experts=num_experts, top_k=top_k, num_shared=num_shared, top_p=top_p, min_k=min_k,
-                                  example=_first_row(batches[0]))
-    converted.moefx_recipe.update(granularity=granularity, num_zero=num_zero, num_copy=num_copy, num_const=num_const)
-    converted.moefx_recipe.update(pregate=pregate, method="upcycle" if method == "upcycle" else "carved")
+                                  example=_first_row(batches[0]), granularity=granularity, num_zero=num_zero,
+                                  num_copy=num_copy, num_const=num_const, pregate=pregate,
+                                  method="upcycle" if method == "upcycle" else "carved")
     return converted
 
 
@@ -240,8 +237,8 @@ def _check_upcycle_and_zero_computation(method, granularity, drop_rate, top_p, r
             raise ValueError(f"moefx.convert: {name}={count!r} must be a whole number >= 0")
     if any(counts.values()) and method != "upcycle" and router not in FITTED_ROUTERS:
         raise ValueError("moefx.convert: zero-computation experts (num_zero, num_copy, num_const) in carved layers "
-                         "need router='least_squares' or 'distilled', which learns which slots they can take over; the analytic "
-                         f"router={router!r} has no score for them")
+                         "need router='least_squares' or 'distilled', which learns which slots they can take over; "
+                         f"the analytic router={router!r} has no score for them")
     if (num_copy or num_const) and (compensate or refit):
         raise ValueError("moefx.convert: compensate and refit model a layer as its real experts only; with copy or "
                          "constant experts use num_zero alone, or drop compensate/refit")

@@ -118,7 +118,8 @@ def train_moe_layers(model: nn.Module, run: Callable[[Any], Any], batches: list,
                 out = output_tensor(run(batches[i]))
                 loss = output_error(out, targets[i], token_mask(batches[i], out))
                 if balance:
-                    loss = loss + balance * sum(balance_loss(layer, inputs[layer]) - 1 for layer in layers) / len(layers)
+                    imbalance = sum(balance_loss(layer, inputs[layer]) - 1 for layer in layers) / len(layers)
+                    loss = loss + balance * imbalance
                 optimiser.zero_grad(set_to_none=True)
                 loss.backward()
                 optimiser.step()
