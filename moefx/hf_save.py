@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from moefx.layer import MoELayer
+from moefx.passes.calibrate import call_model
 
 WEIGHTS, RECIPE, EXAMPLE = "model.safetensors", "moefx.json", "moefx_example.safetensors"
 LAYOUTS = ("moefx", "mixtral", "qwen2_moe")
@@ -331,8 +332,6 @@ def _rebuild_meta_buffers(target: nn.Module, moe: nn.Module) -> None:
 
 def _check_logits(moe: nn.Module, target: nn.Module, example: Any, class_name: str) -> None:
     """The written model must compute the converted one (checked at fp32/fp64, where routing agrees)."""
-    from moefx.convert import call_model
-
     if next(moe.parameters()).dtype not in (torch.float32, torch.float64):
         return
     was_training = moe.training

@@ -16,9 +16,8 @@ from typing import Any, Iterable, Optional
 import torch
 from torch import Tensor, nn
 
-from moefx.convert import call_model
 from moefx.layer import MoELayer
-from moefx.passes.calibrate import output_tensor
+from moefx.passes.calibrate import call_model, output_tensor
 from moefx.passes.refit import selection
 from moefx.passes.routers import oracle_scores
 

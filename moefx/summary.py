@@ -13,8 +13,8 @@ from typing import Any, Iterable, Optional
 import torch
 from torch import nn
 
-from moefx.convert import call_model
 from moefx.layer import MoELayer
+from moefx.passes.calibrate import call_model
 from moefx.passes.refit import selection
 
 

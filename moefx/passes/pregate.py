@@ -32,7 +32,7 @@ from torch.utils import _pytree as pytree
 
 from moefx.layer import MoELayer
 from moefx.op import route
-from moefx.passes.calibrate import capture_rows
+from moefx.passes.calibrate import call_model, capture_rows
 from moefx.passes.find_ffn import find_ffns
 from moefx.passes.routers import FITTED_ROUTERS
 from moefx.passes.trace import CallSpec, RecordedCall, trace_piece
@@ -261,8 +261,6 @@ def lookahead(model: nn.Module, batch: Any) -> dict[str, Tensor]:
     Tokens are the layer's rows in order (batch x sequence, padding included); ids from num_experts
     on are zero-computation experts (nothing to fetch); with dynamic-k (top_p < 1) a choice the layer
     drops is -1. ``batch`` is a model input as for ``moefx.convert``."""
-    from moefx.convert import call_model
-
     blocks = {name: m for name, m in model.named_modules() if isinstance(m, fx.GraphModule) and BLOCK_INPUT in m.meta}
     if not blocks:
         raise ValueError(f"moefx.lookahead: {type(model).__name__} has no pre-gated MoE layer; convert it with "
