@@ -18,7 +18,7 @@
 Carved experts enter with gate 1 ("unit" scoring), so all experts active reproduce the FFN. The
 analytic router scores an expert by the mean pre-activation of its neurons: its row is the mean
 of their W_in (gate) rows. Zero-computation experts (MoE++) start switched off (``switch_off``);
-``routers.distill_router`` teaches a carved layer's router when to pick them.
+a fitted router (``routers.router_targets``) teaches a carved layer when to pick them.
 """
 from __future__ import annotations
 
