@@ -52,30 +52,30 @@ class QualityReport:
         return "\n".join(rows + self.notes)
 
 
-def _record(model: nn.Module, names: dict[str, str], batch: Any, want_input: bool) -> tuple[dict, Any]:
-    """Run ``batch``; return {key: input or output of module name} and the model output. With
-    ``want_input`` a module's second positional input, if any, is kept as ``key + ":router"`` (the
-    router input of a pre-gated MoE layer)."""
-    seen: dict[str, Tensor] = {}
-    handles = []
-    for key, name in names.items():
-        module = model.get_submodule(name)
-        if want_input:
-            def keep_input(m, args, key=key):
-                seen.setdefault(key, args[0].detach())
-                if len(args) > 1 and isinstance(args[1], Tensor):
-                    seen.setdefault(key + ":router", args[1].detach())
-            handles.append(module.register_forward_pre_hook(keep_input))
-        else:
-            handles.append(module.register_forward_hook(
-                lambda m, a, out, key=key: seen.setdefault(key, out.detach())))
+def _record(model: nn.Module, inputs_of: dict[str, str], outputs_of: dict[str, str], batch: Any
+            ) -> tuple[dict, dict, Any]:
+    """Run ``batch`` once; return {key: first input of module name} for ``inputs_of`` (and, as
+    ``key + ":router"``, a second positional input: the router input of a pre-gated MoE layer),
+    {key: output of module name} for ``outputs_of``, and the model output."""
+    inputs: dict[str, Tensor] = {}
+    outputs: dict[str, Tensor] = {}
+
+    def keep_input(module, args, key):
+        inputs.setdefault(key, args[0].detach())
+        if len(args) > 1 and isinstance(args[1], Tensor):
+            inputs.setdefault(key + ":router", args[1].detach())
+
+    handles = [model.get_submodule(name).register_forward_pre_hook(lambda m, a, key=key: keep_input(m, a, key))
+               for key, name in inputs_of.items()]
+    handles += [model.get_submodule(name).register_forward_hook(
+        lambda m, a, out, key=key: outputs.setdefault(key, out.detach())) for key, name in outputs_of.items()]
     try:
         with torch.no_grad():
             output = call_model(model, batch)
     finally:
         for handle in handles:
             handle.remove()
-    return seen, output
+    return inputs, outputs, output
 
 
 def evaluate(dense: nn.Module, moe: nn.Module, data: Iterable[Any], plot: Optional[str] = None) -> QualityReport:
@@ -89,10 +89,10 @@ def evaluate(dense: nn.Module, moe: nn.Module, data: Iterable[Any], plot: Option
                         tokens=0, load=None) for o in origins}
     cosines = []
     for batch in data:
-        dense_in, _ = _record(dense, {o.moe: o.dense_inputs[0] for o in origins}, batch, True)
-        dense_out, dense_result = _record(dense, {o.moe: o.dense_output for o in origins}, batch, False)
-        moe_in, moe_result = _record(moe, {o.moe: o.moe for o in origins}, batch, True)
-        moe_out, _ = _record(moe, {o.moe: o.moe for o in origins}, batch, False)
+        dense_in, dense_out, dense_result = _record(dense, {o.moe: o.dense_inputs[0] for o in origins},
+                                                    {o.moe: o.dense_output for o in origins}, batch)
+        moe_layers = {o.moe: o.moe for o in origins}
+        moe_in, moe_out, moe_result = _record(moe, moe_layers, moe_layers, batch)
         a, b = output_tensor(dense_result).float(), output_tensor(moe_result).float()
         cosines.append(torch.nn.functional.cosine_similarity(a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1]),
                                                              dim=-1))
