@@ -21,7 +21,7 @@ from moefx.passes.pregate import (capture_router_rows, check_options as check_pr
                                   holds_pieces, is_block_candidate, route_from_blocks)
 from moefx.passes.routers import (FITTED_ROUTERS, ROUTERS, distill_router, least_squares_router,
                                   representative_router)
-from moefx.passes.trace import record_calls, trace_piece
+from moefx.passes.trace import qualified, record_calls, trace_piece, within
 
 log = logging.getLogger("moefx")
 
@@ -258,10 +258,10 @@ def _convert(model, batches, num_experts, top_k, method, num_shared, sample_toke
     blocks: dict = {}  # pregate: block name -> pregate.Block
     for name in sorted(calls, key=lambda n: (-n.count(".") - bool(n), n)):
         module = candidates[name]
-        inside = [a for a in affine if _within(a, name)]
-        opaque = [n for n, m in candidates.items() if m in leaves and _within(n, name)]
+        inside = [a for a in affine if within(a, name)]
+        opaque = [n for n, m in candidates.items() if m in leaves and within(n, name)]
         wanted_block = tuning["pregate"] and is_block_candidate(model, name) and holds_pieces(name, pieces)
-        if len([a for a in inside if not any(_within(a, o) for o in opaque)]) < 2 and not wanted_block:
+        if len([a for a in inside if not any(within(a, o) for o in opaque)]) < 2 and not wanted_block:
             continue  # every linear layer left is inside an FFN piece or an opaque module
         gm = trace_piece(module, calls[name], leaves, name)
         if gm is None:
@@ -328,12 +328,12 @@ def _convert(model, batches, num_experts, top_k, method, num_shared, sample_toke
             for key, value in routing.items():
                 setattr(layer, key, value)
             gm = pieces[ffn.piece][0]
-            inputs = [_join(ffn.piece, n.target) for n in ffn.nodes
-                      if n.op == "call_module" and n is not ffn.output_node and _join(ffn.piece, n.target) in affine]
+            inputs = [qualified(ffn.piece, n.target) for n in ffn.nodes
+                      if n.op == "call_module" and n is not ffn.output_node and qualified(ffn.piece, n.target) in affine]
             _release_dense_weights(ffn, gm, affine)
             moe_name = replace_ffn(gm, ffn, layer)
-            report.converted.append(f"{ffn.name} -> {_join(ffn.piece, moe_name)}")
-            report.layers.append(LayerOrigin(_join(ffn.piece, moe_name), inputs, ffn.name))
+            report.converted.append(f"{ffn.name} -> {qualified(ffn.piece, moe_name)}")
+            report.layers.append(LayerOrigin(qualified(ffn.piece, moe_name), inputs, ffn.name))
             bar.update(1)
     for skipped in report.skipped:
         log.warning("moefx.convert: not converted: %s", skipped)
@@ -383,7 +383,7 @@ def _install(model: nn.Module, pieces: dict[str, nn.Module]) -> nn.Module:
     for name in sorted(pieces, key=lambda n: (-n.count(".") - bool(n), n)):
         if not name:
             return pieces[name]
-        enclosing = [a for a in pieces if a != name and _within(name, a)]
+        enclosing = [a for a in pieces if a != name and within(name, a)]
         owner_name = max(enclosing, key=len) if enclosing else None
         owner = model if owner_name is None else pieces[owner_name]
         relative = name if not owner_name else name[len(owner_name) + 1:]
@@ -396,7 +396,7 @@ def _release_dense_weights(ffn, gm, affine: dict) -> None:
     """Free a dense FFN's weights once its experts hold copies, so that converting needs about one
     FFN of memory beyond the model (the dense Linears leave the model in the rewrite)."""
     for node in ffn.nodes:
-        name = _join(ffn.piece, node.target) if node.op == "call_module" else None
+        name = qualified(ffn.piece, node.target) if node.op == "call_module" else None
         if name in affine:
             affine[name] = None
             for param in gm.get_submodule(node.target).parameters(recurse=False):
@@ -412,11 +412,3 @@ def _affine_leaves(model: nn.Module) -> dict[str, tuple]:
         if weights is not None:
             found[name] = weights
     return found
-
-
-def _within(name: str, scope: str) -> bool:
-    return not scope or name.startswith(scope + ".")
-
-
-def _join(piece: str, name: str) -> str:
-    return f"{piece}.{name}" if piece else name

@@ -2,11 +2,11 @@
 
 Read-ME (Cai et al. 2024, arXiv 2410.19123) decouples the router from the layer it serves, so
 that expert choices are known ahead of time and a runtime can prefetch, cache and batch by
-expert. ``moefx.convert(..., router="distilled", pregate="block")`` does this per transformer
+expert. ``moefx.convert(..., router="least_squares", pregate="block")`` does this per transformer
 block: the block is the innermost item of an ``nn.ModuleList`` / ``nn.Sequential`` that holds the
 FFN and at least one other linear layer (its attention); its first floating-point tensor input
-(the residual stream before the attention) feeds the router, which ``routers.distill_router``
-trains on those rows to pick the oracle's experts of the FFN-input rows. Layer i's experts are
+(the residual stream before the attention) feeds the router, fitted (``least_squares_router`` or
+``distill_router``) on those rows to pick the oracle's experts of the FFN-input rows. Layer i's experts are
 known as soon as block i starts, one attention ahead of the FFN. (Routing from the previous
 block's values would need the model's own forward, the loop over blocks, in a traced graph;
 that forward rarely traces: LlamaModel's does not.)
@@ -35,7 +35,7 @@ from moefx.op import route
 from moefx.passes.calibrate import call_model, capture_rows
 from moefx.passes.find_ffn import find_ffns
 from moefx.passes.routers import FITTED_ROUTERS
-from moefx.passes.trace import CallSpec, RecordedCall, trace_piece
+from moefx.passes.trace import CallSpec, RecordedCall, qualified, trace_piece, within
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def is_block_candidate(model: nn.Module, name: str) -> bool:
 
 
 def holds_pieces(name: str, pieces: dict) -> bool:
-    return any(_within(p, name) for p in pieces)
+    return any(within(p, name) for p in pieces)
 
 
 def claim_block(model: nn.Module, name: str, gm: fx.GraphModule, call: RecordedCall, found: list, pieces: dict,
@@ -99,11 +99,11 @@ def claim_block(model: nn.Module, name: str, gm: fx.GraphModule, call: RecordedC
     instead of being fixed to the calibration call's values."""
     if not is_block_candidate(model, name):
         return None
-    inside = list(found) + [f for p, (_, fs) in pieces.items() if _within(p, name) for f in fs]
+    inside = list(found) + [f for p, (_, fs) in pieces.items() if within(p, name) for f in fs]
     routed = {f for block in blocks.values() for f in block.ffns}
     held = [f for f in inside if f.name not in routed]
-    ffn_linears = {_join(f.piece, n.target) for f in inside for n in f.nodes if n.op == "call_module"}
-    if not held or not any(_within(a, name) and a not in ffn_linears for a in affine):
+    ffn_linears = {qualified(f.piece, n.target) for f in inside for n in f.nodes if n.op == "call_module"}
+    if not held or not any(within(a, name) and a not in ffn_linears for a in affine):
         return None
     position = block_input(call)
     module = model.get_submodule(name)
@@ -115,9 +115,9 @@ def claim_block(model: nn.Module, name: str, gm: fx.GraphModule, call: RecordedC
         if ffn.hidden != width:
             raise ValueError(f"moefx.convert(pregate='block'): {ffn.name} has input width {ffn.hidden}, but its block "
                              f"{name} takes a routing input of width {width}; pre-gating needs them equal")
-    kept = {p for p in pieces if _within(p, name)} | ffn_linears
+    kept = {p for p in pieces if within(p, name)} | ffn_linears
     opaque = {m for n, m in module.named_modules() if n and next(m.children(), None) is not None
-              and not any(k == _join(name, n) or _within(k, _join(name, n)) for k in kept)}
+              and not any(k == qualified(name, n) or within(k, qualified(name, n)) for k in kept)}
     retraced = trace_piece(module, call, leaves | opaque, name)
     if retraced is not None:
         refound, _ = find_ffns(retraced, name, affine)
@@ -145,7 +145,7 @@ def block_input(call: RecordedCall) -> Optional[tuple[int, int]]:
 
 def unrouted_error(model: nn.Module, ffn_name: str, untraced: Iterable[str]) -> ValueError:
     """The error for an FFN that no block claimed, naming the block that does not trace if there is one."""
-    opaque = [n for n in untraced if is_block_candidate(model, n) and _within(ffn_name, n)]
+    opaque = [n for n in untraced if is_block_candidate(model, n) and within(ffn_name, n)]
     why = (f"its block {opaque[-1]} ({type(model.get_submodule(opaque[-1])).__name__}) does not trace, so moefx "
            "cannot reach the block's input" if opaque else
            "pre-gating routes an FFN from the input of the innermost nn.ModuleList / nn.Sequential item that holds "
@@ -159,9 +159,9 @@ def route_from_blocks(model: nn.Module, pieces: dict[str, fx.GraphModule], block
     wired = 0
     for block in blocks.values():
         source = _placeholders(pieces[block.name])[block.input_index]
-        inner = [b for b in blocks if b != block.name and _within(b, block.name)]
-        for piece in sorted(p for p in pieces if p == block.name or _within(p, block.name)):
-            if any(piece == b or _within(piece, b) for b in inner):
+        inner = [b for b in blocks if b != block.name and within(b, block.name)]
+        for piece in sorted(p for p in pieces if p == block.name or within(p, block.name)):
+            if any(piece == b or within(piece, b) for b in inner):
                 continue
             gm = pieces[piece]
             calls = [n for n in gm.graph.nodes
@@ -183,10 +183,10 @@ def _thread(model, pieces, owner: str, value: fx.Node, target: str, entries: dic
         return value
     gm = pieces[owner]
     calls = [n for n in gm.graph.nodes if n.op == "call_module"
-             and (_join(owner, n.target) == target or _within(target, _join(owner, n.target)))]
+             and (qualified(owner, n.target) == target or within(target, qualified(owner, n.target)))]
     if not calls:
         raise ValueError(f"moefx.convert(pregate='block'): the graph of block {owner} never calls {target}")
-    child = _join(owner, calls[0].target)
+    child = qualified(owner, calls[0].target)
     if child not in pieces:
         raise ValueError(f"moefx.convert(pregate='block'): cannot pass the input of {owner} to the FFN in {target}: "
                          f"{child} ({type(model.get_submodule(child)).__name__}) between them does not trace. "
@@ -268,9 +268,9 @@ def lookahead(model: nn.Module, batch: Any) -> dict[str, Tensor]:
     decisions: dict[str, Tensor] = {}
     handles = []
     for name, block in blocks.items():
-        inner = [b for b in blocks if b != name and _within(b, name)]
-        layers = {_join(name, n): m for n, m in block.named_modules() if isinstance(m, MoELayer)
-                  and not any(_within(_join(name, n), b) for b in inner)}
+        inner = [b for b in blocks if b != name and within(b, name)]
+        layers = {qualified(name, n): m for n, m in block.named_modules() if isinstance(m, MoELayer)
+                  and not any(within(qualified(name, n), b) for b in inner)}
 
         def decide(module, args, layers=layers, index=block.meta[BLOCK_INPUT]):
             for layer_name, layer in layers.items():
@@ -285,11 +285,3 @@ def lookahead(model: nn.Module, batch: Any) -> dict[str, Tensor]:
         for handle in handles:
             handle.remove()
     return decisions
-
-
-def _within(name: str, scope: str) -> bool:
-    return not scope or name.startswith(scope + ".")
-
-
-def _join(piece: str, name: str) -> str:
-    return f"{piece}.{name}" if piece else name

@@ -249,3 +249,13 @@ def reproduces(gm: nn.Module, call: RecordedCall, piece: str) -> bool:
                 log.debug("moefx: traced %s differs from the module on its own inputs", piece or "<model>")
                 return False
     return True
+
+
+def within(name: str, scope: str) -> bool:
+    """Whether module path ``name`` lies inside module ``scope`` ("" is the whole model)."""
+    return not scope or name.startswith(scope + ".")
+
+
+def qualified(piece: str, name: str) -> str:
+    """The model-level path of module ``name`` of the traced piece at path ``piece``."""
+    return f"{piece}.{name}" if piece else name
