@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from moefx.op import ACTIVATIONS, moe_op
+from moefx.op import ACTIVATIONS, moe_op, route
 
 
 class MoELayer(nn.Module):
@@ -85,6 +85,13 @@ class MoELayer(nn.Module):
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(shape)
+
+    def routing(self, router_input: Tensor) -> tuple[Tensor, Tensor]:
+        """(gates, choice ids), each [tokens, top_k], that the op computes from ``router_input`` [..., Hr]
+        (``moefx.op.route``); no expert runs."""
+        flat = router_input.reshape(-1, router_input.shape[-1])
+        return route(flat, self.router.weight, self.router.bias, self.top_k, self.scoring, self.renormalize,
+                     self.top_p, self.min_k, self.gate_scale)
 
     def _straight_through_router_grad(self, x: Tensor, router_input: Tensor) -> Tensor:
         """Zero in value; its gradient gives the router what a sigmoid gate would get. Unit gates are the

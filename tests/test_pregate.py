@@ -11,7 +11,7 @@ import moefx
 import moefx.op
 from moefx.layer import MoELayer
 from moefx.onnx import export_onnx, run_onnx
-from moefx.passes.pregate import ROUTER_INPUT, lookahead, routing
+from moefx.passes.pregate import ROUTER_INPUT, lookahead
 from moefx.passes.routers import oracle_scores
 from tests.conftest import relative_error
 from tests.test_onnx_models import token_batch
@@ -114,7 +114,7 @@ def oracle_recall(model, batch) -> dict[str, float]:
             x = args[0].reshape(-1, args[0].shape[-1])
             r = args[1] if len(args) > 1 else x
             oracle = oracle_scores(layer, x[keep]).topk(layer.top_k, -1).indices
-            picked = torch.zeros(int(keep.sum()), layer.num_experts).scatter_(1, routing(layer, r)[1][keep], 1.0)
+            picked = torch.zeros(int(keep.sum()), layer.num_experts).scatter_(1, layer.routing(r)[1][keep], 1.0)
             recall[name] = picked.gather(1, oracle).mean().item()
         return hook
     run_with_hooks(model, batch, [layer.register_forward_pre_hook(measure(name))

@@ -31,7 +31,6 @@ from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
 from moefx.layer import MoELayer
-from moefx.op import route
 from moefx.passes.calibrate import call_model, capture_rows
 from moefx.passes.find_ffn import find_ffns
 from moefx.passes.routers import FITTED_ROUTERS
@@ -245,14 +244,6 @@ def capture_router_rows(layer: MoELayer, batches: Iterable[Any], run: Callable[[
     return x, router_input
 
 
-def routing(layer: MoELayer, router_input: Tensor) -> tuple[Tensor, Tensor]:
-    """(gates, expert ids), each [tokens, top_k], that ``layer``'s op computes from ``router_input``
-    [..., Hr] (``moefx.op.route``): no expert runs."""
-    flat = router_input.reshape(-1, router_input.shape[-1])
-    return route(flat, layer.router.weight, layer.router.bias, layer.top_k, layer.scoring, layer.renormalize,
-                 layer.top_p, layer.min_k, layer.gate_scale)
-
-
 @torch.no_grad()
 def lookahead(model: nn.Module, batch: Any) -> dict[str, Tensor]:
     """Expert ids [tokens, top_k] of every pre-gated MoE layer of ``model`` on ``batch``, by qualified
@@ -274,7 +265,7 @@ def lookahead(model: nn.Module, batch: Any) -> dict[str, Tensor]:
 
         def decide(module, args, layers=layers, index=block.meta[BLOCK_INPUT]):
             for layer_name, layer in layers.items():
-                gates, ids = routing(layer, args[index])
+                gates, ids = layer.routing(args[index])
                 decisions.setdefault(layer_name, ids.masked_fill(gates == 0, -1) if layer.top_p < 1 else ids)
 
         # registered after the block's argument-flattening hook, so ``args`` are its graph inputs

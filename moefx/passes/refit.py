@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from moefx.layer import MoELayer
-from moefx.op import ACTIVATIONS, route
+from moefx.op import ACTIVATIONS
 
 
 @torch.no_grad()
@@ -52,8 +52,7 @@ def expert_outputs(layer: MoELayer, x: Tensor) -> Tensor:
 
 def selection(layer: MoELayer, x: Tensor) -> Tensor:
     """[T, E] gate of each routed expert per token as the layer routes ``x`` (0 where skipped)."""
-    gates, ids = route(x, layer.router.weight, layer.router.bias, layer.top_k, layer.scoring, layer.renormalize,
-                       layer.top_p, layer.min_k, layer.gate_scale)
+    gates, ids = layer.routing(x)
     full = torch.zeros(x.shape[0], layer.router.out_features, dtype=gates.dtype)
     full.scatter_add_(1, ids, gates)
     return full[:, :layer.num_experts]
