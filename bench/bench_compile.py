@@ -18,7 +18,7 @@ import time
 import torch
 import transformers
 
-import moefx.backend  # noqa: F401  (registers backend="moefx")
+import moefx.compile.backend  # noqa: F401  (registers backend="moefx")
 
 FULL = dict(hidden_size=2048, moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8,
             num_attention_heads=32, num_key_value_heads=4, head_dim=128, intermediate_size=6144)

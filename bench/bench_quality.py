@@ -29,8 +29,8 @@ import moefx
 from moefx.data import python_doc_sentences
 from moefx.demo import load_minilm, sentence_embeddings, tokenize
 from moefx.layer import MoELayer
-from moefx.passes.calibrate import capture_inputs
-from moefx.passes.routers import oracle_scores
+from moefx.fit.calibrate import capture_inputs
+from moefx.fit.routers import oracle_scores
 
 
 @contextlib.contextmanager

@@ -3,12 +3,12 @@
 convert (moefx.convert) -> fuse (torch.ops.moefx.moe, moefx.codegen) -> compile
 (torch.compile(backend="moefx")) -> export (moefx.export_onnx).
 """
-from moefx import backend  # noqa: F401  (registers torch.compile(backend="moefx"))
+from moefx.compile import backend  # noqa: F401  (registers torch.compile(backend="moefx"))
 from moefx.convert import ConversionReport, LayerOrigin, convert
-from moefx.hf_save import load_pretrained, save_pretrained
+from moefx.checkpoint import load_pretrained, save_pretrained
 from moefx.layer import MoELayer
-from moefx.passes.distill import DistillReport, distill
-from moefx.passes.pregate import lookahead
+from moefx.fit.distill import DistillReport, distill
+from moefx.convert.pregate import lookahead
 from moefx.op import moe_op
 from moefx.quality import QualityReport, evaluate
 from moefx.summary import Summary, summary

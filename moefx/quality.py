@@ -17,9 +17,9 @@ import torch
 from torch import Tensor, nn
 
 from moefx.layer import MoELayer
-from moefx.passes.calibrate import call_model, output_tensor
-from moefx.passes.refit import selection
-from moefx.passes.routers import oracle_scores
+from moefx.runtime import call_model, output_tensor
+from moefx.fit.refit import selection
+from moefx.fit.routers import oracle_scores
 
 
 @dataclass

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from moefx.layer import MoELayer
-from moefx.passes.calibrate import call_model
-from moefx.passes.refit import selection
+from moefx.runtime import call_model
+from moefx.fit.refit import selection
 
 
 @dataclass

@@ -10,7 +10,7 @@ import textwrap
 import torch
 from torch._dynamo.utils import counters
 
-import moefx.backend  # noqa: F401  (registers backend="moefx"; moefx/__init__ will import it)
+import moefx.compile.backend  # noqa: F401  (registers backend="moefx"; moefx/__init__ will import it)
 from tests.conftest import relative_error
 from tests.test_moe_blocks import BiasedExperts, tiny_moe_model, token_ids
 
@@ -73,7 +73,7 @@ def test_backend_name_resolves_through_the_entry_point_without_importing_moefx()
         x = torch.randn(8)
         assert torch.equal(f(x), torch.relu(x) * 2)
         from torch._dynamo.utils import counters
-        assert "moefx.backend" in sys.modules and counters["moefx"]["graphs"] == 1
+        assert "moefx.compile.backend" in sys.modules and counters["moefx"]["graphs"] == 1
         print("ok")
     """)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}

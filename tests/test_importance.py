@@ -7,7 +7,7 @@ from torch import nn
 
 import moefx
 from moefx.layer import MoELayer
-from moefx.passes.importance import taylor_importance
+from moefx.fit.importance import taylor_importance
 
 
 class Regressor(nn.Module):

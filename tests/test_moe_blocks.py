@@ -1,4 +1,4 @@
-"""moefx.passes.moe_blocks: transformers MoE blocks, recognised by graph structure, become one moefx::moe each.
+"""moefx.compile.moe_blocks: transformers MoE blocks, recognised by graph structure, become one moefx::moe each.
 
 These tests run the pass pipeline on Dynamo graphs and execute the rewritten graph eagerly (cheap);
 tests/test_backend.py runs the same graphs through Inductor.
@@ -13,9 +13,9 @@ import transformers
 from torch._dynamo.utils import counters
 
 from moefx.op import moe_op
-from moefx.passes.moe_blocks import rewrite_moe_blocks
-from moefx.passes.pass_manager import run_pre_grad_passes
-from moefx.passes.swap_triton import is_moe_call, swap_triton
+from moefx.compile.moe_blocks import rewrite_moe_blocks
+from moefx.compile.passes import run_pre_grad_passes
+from moefx.compile.swap_triton import is_moe_call, swap_triton
 from tests.conftest import relative_error
 
 VOCAB = 64

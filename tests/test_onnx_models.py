@@ -2,7 +2,7 @@
 batch/sequence sizes other than the example's: upcycled GPT-2-style (tanh-GELU) and Llama-style
 (SwiGLU) models go through com.microsoft.MoE; a carved all-MiniLM-L6-v2 (unit gates) only through
 standard ops, and target="onnxruntime" refuses it clearly; random small Mixtral and Qwen3-MoE, whose
-MoE blocks moefx.passes.moe_blocks rewrites into moefx::moe before export."""
+MoE blocks moefx.compile.moe_blocks rewrites into moefx::moe before export."""
 import pytest
 import torch
 

@@ -11,8 +11,8 @@ import moefx
 import moefx.op
 from moefx.layer import MoELayer
 from moefx.onnx import export_onnx, run_onnx
-from moefx.passes.pregate import ROUTER_INPUT, lookahead
-from moefx.passes.routers import oracle_scores
+from moefx.convert.pregate import ROUTER_INPUT, lookahead
+from moefx.fit.routers import oracle_scores
 from tests.conftest import relative_error
 from tests.test_onnx_models import token_batch
 

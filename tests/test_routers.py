@@ -7,8 +7,8 @@ from torch import nn
 
 import moefx
 from moefx.layer import MoELayer
-from moefx.passes.refit import compensate, dense_output, expert_hidden, refit, selection
-from moefx.passes.routers import distill_router, least_squares_router, oracle_scores
+from moefx.fit.refit import compensate, dense_output, expert_hidden, refit, selection
+from moefx.fit.routers import distill_router, least_squares_router, oracle_scores
 
 
 class FFN(nn.Module):

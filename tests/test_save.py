@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 import moefx
-from moefx.hf_save import load_pretrained, save_pretrained
+from moefx.checkpoint import load_pretrained, save_pretrained
 
 
 class FFN(nn.Module):

@@ -8,9 +8,9 @@ from torch import nn
 
 import moefx
 from moefx.layer import MoELayer
-from moefx.passes.carve import OFF_LOGIT
-from moefx.passes.refit import expert_outputs
-from moefx.passes.routers import free_slots, oracle_scores
+from moefx.fit.carve import OFF_LOGIT
+from moefx.fit.refit import expert_outputs
+from moefx.fit.routers import free_slots, oracle_scores
 from tests.conftest import relative_error
 from tests.test_routers import _model_and_data
 

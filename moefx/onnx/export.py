@@ -164,9 +164,9 @@ def export_and_check(model: torch.nn.Module, example_inputs, path: Union[str, Pa
 def with_moe_blocks_rewritten(model: torch.nn.Module, args: tuple, kwargs: dict, shapes: dict) -> torch.nn.Module:
     """``model`` itself, or, when it holds stacked expert weights outside moefx layers (transformers'
     Mixtral, Qwen2/3-MoE, OLMoE blocks), its Dynamo graph with those blocks rewritten into moefx::moe
-    calls by ``moefx.passes.moe_blocks``, the pass the compile backend uses."""
+    calls by ``moefx.compile.moe_blocks``, the pass the compile backend uses."""
     from moefx.layer import MoELayer
-    from moefx.passes.moe_blocks import rewrite_moe_blocks
+    from moefx.compile.moe_blocks import rewrite_moe_blocks
 
     not_experts = {id(p) for m in model.modules() if isinstance(m, (MoELayer, torch.nn.modules.conv._ConvNd))
                    for p in m.parameters()}
@@ -183,7 +183,7 @@ def with_moe_blocks_rewritten(model: torch.nn.Module, args: tuple, kwargs: dict,
     rewritten = rewrite_moe_blocks(gm)
     if not rewritten:
         log.warning("moefx ONNX export: %s holds 3-D (stacked expert?) weights but no MoE block was recognised; "
-                    "exporting it as it is (see moefx.passes.moe_blocks debug logs for why)", type(model).__name__)
+                    "exporting it as it is (see moefx.compile.moe_blocks debug logs for why)", type(model).__name__)
         return model
     log.info("moefx ONNX export: rewrote %d MoE block(s) of %s into moefx::moe", rewritten, type(model).__name__)
     return gm

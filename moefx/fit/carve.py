@@ -28,8 +28,8 @@ import torch
 from torch import Tensor
 
 from moefx.layer import MoELayer
-from moefx.passes.calibrate import HiddenStats
-from moefx.passes.find_ffn import FFN
+from moefx.fit.calibrate import HiddenStats
+from moefx.convert.find import FFN
 
 METHODS = ("upcycle", "split", "coactivation", "random")
 # router logit of a switched-off expert: below any real logit, so top_k never reaches it

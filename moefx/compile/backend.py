@@ -1,6 +1,6 @@
 """``torch.compile(model, backend="moefx")``: moefx's graph passes, then Inductor.
 
-The Dynamo graph goes through ``moefx.passes.pass_manager.PRE_GRAD_PASSES`` (MoE blocks of
+The Dynamo graph goes through ``moefx.compile.passes.PRE_GRAD_PASSES`` (MoE blocks of
 transformers models become ``moefx::moe``; on CUDA that op becomes its Triton ``triton_op``), then to
 Inductor's ``compile_fx``. ``mode`` and ``options`` mean what they mean for Inductor, e.g.
 ``torch.compile(model, backend="moefx", mode="reduce-overhead")`` or ``options={"freezing": True}``
@@ -18,8 +18,8 @@ import torch
 from torch._dynamo.backends import registry
 from torch._dynamo.utils import counters
 
-from moefx.passes.pass_manager import run_pre_grad_passes
-from moefx.passes.swap_triton import is_moe_call
+from moefx.compile.passes import run_pre_grad_passes
+from moefx.compile.swap_triton import is_moe_call
 
 log = logging.getLogger(__name__)
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 from torch.fx import GraphModule
 from torch.fx.passes.infra.pass_manager import PassManager
 
-from moefx.passes.moe_blocks import moe_blocks_pass
-from moefx.passes.swap_triton import swap_triton_pass
+from moefx.compile.moe_blocks import moe_blocks_pass
+from moefx.compile.swap_triton import swap_triton_pass
 
 PRE_GRAD_PASSES = [moe_blocks_pass, swap_triton_pass]
 

@@ -32,7 +32,7 @@ import moefx.op  # noqa: F401  (registers torch.ops.moefx.moe)
 from torch.fx import GraphModule, Node
 from torch.fx.passes.infra.pass_base import PassResult
 
-from moefx.passes.torch_graph import (
+from moefx.compile.torch_graph import (
     CASTS, arg, call, getitem_of, is_tensor, op_name, same_size, strip_casts, value,
 )
 

@@ -31,10 +31,10 @@ from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
 from moefx.layer import MoELayer
-from moefx.passes.calibrate import call_model, capture_rows
-from moefx.passes.find_ffn import find_ffns
-from moefx.passes.routers import FITTED_ROUTERS
-from moefx.passes.trace import CallSpec, RecordedCall, qualified, trace_piece, within
+from moefx.fit.calibrate import call_model, capture_rows
+from moefx.convert.find import find_ffns
+from moefx.fit.routers import FITTED_ROUTERS
+from moefx.convert.trace import CallSpec, RecordedCall, qualified, trace_piece, within
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from moefx.layer import MoELayer
-from moefx.passes.calibrate import call_model, output_tensor
+from moefx.runtime import call_model, output_tensor
 
 
 @dataclass

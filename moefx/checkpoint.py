@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from moefx.layer import MoELayer
-from moefx.passes.calibrate import call_model
+from moefx.runtime import call_model
 
 WEIGHTS, RECIPE, EXAMPLE = "model.safetensors", "moefx.json", "moefx_example.safetensors"
 LAYOUTS = ("moefx", "mixtral", "qwen2_moe")

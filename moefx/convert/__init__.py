@@ -10,18 +10,18 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from moefx.passes.calibrate import call_model, capture_inputs, collect_hidden_stats, run_batch
-from moefx.passes.carve import METHODS, carved_layer, partition, upcycled_layer
-from moefx.passes.distill import teacher_outputs, train_moe_layers
-from moefx.passes.find_ffn import affine_map, find_ffns
-from moefx.passes.importance import taylor_importance
-from moefx.passes.refit import compensate as compensate_layer, dense_output, refit as refit_layer
-from moefx.passes.rewrite import replace_ffn
-from moefx.passes.pregate import (capture_router_rows, check_options as check_pregate, check_routed, claim_block,
+from moefx.fit.calibrate import call_model, capture_inputs, collect_hidden_stats, run_batch
+from moefx.fit.carve import METHODS, carved_layer, partition, upcycled_layer
+from moefx.fit.distill import teacher_outputs, train_moe_layers
+from moefx.convert.find import affine_map, find_ffns
+from moefx.fit.importance import taylor_importance
+from moefx.fit.refit import compensate as compensate_layer, dense_output, refit as refit_layer
+from moefx.convert.rewrite import replace_ffn
+from moefx.convert.pregate import (capture_router_rows, check_options as check_pregate, check_routed, claim_block,
                                   holds_pieces, is_block_candidate, route_from_blocks)
-from moefx.passes.routers import (FITTED_ROUTERS, ROUTERS, distill_router, least_squares_router,
+from moefx.fit.routers import (FITTED_ROUTERS, ROUTERS, distill_router, least_squares_router,
                                   representative_router)
-from moefx.passes.trace import qualified, record_calls, trace_piece, within
+from moefx.convert.trace import qualified, record_calls, trace_piece, within
 
 log = logging.getLogger("moefx")
 

@@ -16,7 +16,7 @@ from torch.fx import GraphModule, Node
 from torch.fx.passes.infra.pass_base import PassResult
 
 from moefx.op import kernel_path
-from moefx.passes.torch_graph import value
+from moefx.compile.torch_graph import value
 
 log = logging.getLogger(__name__)
 

@@ -26,9 +26,9 @@ import torch
 from torch import Tensor
 
 from moefx.layer import MoELayer
-from moefx.passes.carve import gate_rows
-from moefx.passes.find_ffn import FFN
-from moefx.passes.refit import dense_output, expert_outputs
+from moefx.fit.carve import gate_rows
+from moefx.convert.find import FFN
+from moefx.fit.refit import dense_output, expert_outputs
 
 ROUTERS = ("centroid", "representative", "least_squares", "distilled")
 FITTED_ROUTERS = ("least_squares", "distilled")  # fitted to the oracle's choice on calibration tokens

@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
-from moefx.passes.calibrate import output_tensor
+from moefx.runtime import output_tensor
 
 
 def taylor_importance(targets: dict[str, nn.Module], batches: list, run: Callable[[Any], Any],

@@ -1,0 +1,66 @@
+"""Calling a model on a batch, and hooks that are removed whatever happens.
+
+A batch (calibration or evaluation) is a model input: a dict of keyword arguments (a
+tokenizer's output), a tuple/list of positional arguments, or one tensor. Every part of moefx
+that runs a model goes through ``call_model``/``run_batch`` and registers hooks with ``hooks``.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+from torch import Tensor, nn
+from torch.utils import _pytree as pytree
+
+
+def call_model(model: nn.Module, batch: Any) -> Any:
+    """``model(**batch)`` for a dict, ``model(*batch)`` for a tuple/list, else ``model(batch)``."""
+    if isinstance(batch, dict):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
+
+
+def run_batch(run: Callable[[Any], Any], batch: Any, index: int) -> Any:
+    """``run(batch)`` without gradients, naming the batch if the model rejects it."""
+    try:
+        with torch.no_grad():
+            return run(batch)
+    except Exception as error:
+        raise ValueError(f"moefx: the model rejected calibration batch {index} ({type(error).__name__}: {error}); "
+                         "each batch must be a model input: a tensor, a tuple of positional arguments, or a dict "
+                         "of keyword arguments") from error
+
+
+def output_tensor(output: Any) -> Tensor:
+    """The first floating-point tensor of a model output (transformers/diffusers outputs, tuples)."""
+    for leaf in pytree.tree_leaves(output if not hasattr(output, "to_tuple") else output.to_tuple()):
+        if isinstance(leaf, Tensor) and leaf.is_floating_point():
+            return leaf
+    raise ValueError("moefx: the model output holds no floating-point tensor")
+
+
+def token_mask(batch: Any, shape: torch.Size) -> Optional[Tensor]:
+    """The real-token mask [B, S] (bool) of a dict batch with ``attention_mask``, when a tensor of
+    ``shape`` is per token ([B, S, ...] or its flattening [B*S, ...]); None otherwise."""
+    mask = batch.get("attention_mask") if isinstance(batch, dict) else None
+    if not isinstance(mask, Tensor) or mask.dim() != 2 or not shape:
+        return None
+    if tuple(shape[:2]) == tuple(mask.shape) or shape[0] == mask.numel():
+        return mask.bool()
+    return None
+
+
+@contextlib.contextmanager
+def hooks(*registrations: Callable[[], Any]) -> Iterator[None]:
+    """Register hooks (each callable returns a removable handle) for the ``with`` body only."""
+    handles = []
+    try:
+        for register in registrations:
+            handles.append(register())
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
