@@ -36,6 +36,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from moefx.codegen import moe_triton  # noqa: E402
+from moefx.op import MoEAttrs, MoEInputs  # noqa: E402
 
 SHAPES = {  # name: (hidden H, expert width F, experts E, top_k, renormalize)
     "mixtral": (4096, 14336, 8, 2, True),
@@ -115,8 +116,9 @@ def make_layer(shape, routing: str, device, dtype, seed=0):
 
 
 def moefx_fn(x, layer):
-    return lambda: moe_triton(x, x, layer["w_router"], layer["b_router"], layer["w_in"], None, layer["w_out"], None,
-                              None, layer["top_k"], "silu", True, "softmax", layer["renormalize"], 1.0, 1, 1.0, 0, 0)
+    inputs = MoEInputs(x, x, layer["w_router"], layer["b_router"], layer["w_in"], None, layer["w_out"], None, None)
+    attrs = MoEAttrs(layer["top_k"], "silu", True, "softmax", layer["renormalize"])
+    return lambda: moe_triton(inputs, attrs)
 
 
 def routing(x, layer):

@@ -29,7 +29,7 @@ import moefx
 from moefx.data import python_doc_sentences
 from moefx.demo import load_minilm, sentence_embeddings, tokenize
 from moefx.layer import MoELayer
-from moefx.fit.calibrate import capture_inputs
+from moefx.fit.calibrate import capture_rows
 from moefx.fit.routers import oracle_scores
 
 
@@ -73,7 +73,7 @@ def train_mlp_routers(model: nn.Module, calibration: list, epochs: int = 20) -> 
     for layer in layers:
         layer.top_k = layer.num_experts
     try:
-        inputs = {layer: capture_inputs(layer, calibration, lambda b: model(**b), 16384) for layer in layers}
+        inputs = {layer: capture_rows(layer, calibration, lambda b: model(**b), 16384)[0] for layer in layers}
     finally:
         for layer, k in zip(layers, saved):
             layer.top_k = k

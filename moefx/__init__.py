@@ -5,6 +5,7 @@ convert (moefx.convert) -> fuse (torch.ops.moefx.moe, moefx.codegen) -> compile
 """
 from moefx.compile import backend  # noqa: F401  (registers torch.compile(backend="moefx"))
 from moefx.convert import ConversionReport, LayerOrigin, convert
+from moefx.recipe import Recipe
 from moefx.checkpoint import load_pretrained, save_pretrained
 from moefx.layer import MoELayer
 from moefx.fit.distill import DistillReport, distill
@@ -13,7 +14,7 @@ from moefx.op import moe_op
 from moefx.quality import QualityReport, evaluate
 from moefx.summary import Summary, summary
 
-__all__ = ["ConversionReport", "DistillReport", "LayerOrigin", "MoELayer", "QualityReport", "Summary", "convert",
+__all__ = ["ConversionReport", "DistillReport", "LayerOrigin", "MoELayer", "QualityReport", "Recipe", "Summary", "convert",
            "distill", "evaluate", "export_onnx", "load_pretrained", "lookahead", "moe_op", "save_pretrained", "summary"]
 __version__ = "0.1.0"
 

@@ -24,7 +24,9 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from moefx.convert import rebuild
 from moefx.layer import MoELayer
+from moefx.recipe import Recipe
 from moefx.runtime import call_model
 
 WEIGHTS, RECIPE, EXAMPLE = "model.safetensors", "moefx.json", "moefx_example.safetensors"
@@ -45,15 +47,15 @@ def save_pretrained(moe: nn.Module, path: str, layout: str = "moefx") -> None:
     if layout not in LAYOUTS:
         raise ValueError(f"moefx.save_pretrained: layout={layout!r} is not one of {LAYOUTS}")
     recipe = getattr(moe, "moefx_recipe", None)
-    if recipe is None:
+    if not isinstance(recipe, Recipe):
         raise ValueError("moefx.save_pretrained: the model carries no conversion recipe; save the model that "
                          "moefx.convert returned")
+    example = moe.moefx_example
     if layout != "moefx":
-        _save_transformers_layout(moe, path, layout, recipe["example"])
+        _save_transformers_layout(moe, path, layout, example)
         return
     os.makedirs(path, exist_ok=True)
     save_model(moe, os.path.join(path, WEIGHTS))
-    example = recipe["example"]
     kind = "dict" if isinstance(example, dict) else "tuple" if isinstance(example, (tuple, list)) else "tensor"
     items = example if isinstance(example, dict) else {str(i): v for i, v in enumerate(
         example if kind == "tuple" else [example])}
@@ -63,8 +65,7 @@ def save_pretrained(moe: nn.Module, path: str, layout: str = "moefx") -> None:
     config = getattr(moe, "config", None)
     if config is not None and hasattr(config, "save_pretrained"):
         config.save_pretrained(path)
-    meta = {k: v for k, v in recipe.items() if k != "example"}
-    meta.update(example_kind=kind, example_constants=constants, model_class=type(moe).__name__)
+    meta = dict(recipe=recipe.to_dict(), example_kind=kind, example_constants=constants, model_class=type(moe).__name__)
     with open(os.path.join(path, RECIPE), "w") as f:
         json.dump(meta, f, indent=2)
 
@@ -75,14 +76,12 @@ def load_pretrained(path: str, model: Optional[nn.Module] = None) -> nn.Module:
     same name (or ``AutoModel``)."""
     from safetensors.torch import load_file, load_model
 
-    import moefx
-
     if not os.path.exists(os.path.join(path, RECIPE)):
         raise ValueError(f"moefx.load_pretrained: {path} has no {RECIPE}; a checkpoint saved with layout='mixtral' "
                          "or 'qwen2_moe' loads without moefx: transformers.AutoModelForCausalLM.from_pretrained(path)")
-    with open(os.path.join(path, RECIPE)) as f:
-        meta = json.load(f)
-    if model is None:
+    meta = _read_meta(os.path.join(path, RECIPE))
+    built = model is None
+    if built:
         model = _dense_from_config(path, meta["model_class"])
     stored = load_file(os.path.join(path, EXAMPLE))
     items = {**stored, **meta["example_constants"]}
@@ -91,20 +90,22 @@ def load_pretrained(path: str, model: Optional[nn.Module] = None) -> nn.Module:
     else:
         ordered = [items[str(i)] for i in range(len(items))]
         example = ordered if meta["example_kind"] == "tuple" else ordered[0]
-    # rebuild the same structure (the weights are overwritten below); a fitted router is only the
-    # cheapest way through the options that need one (pre-gating, carved zero-computation experts)
-    upcycled = meta.get("method") == "upcycle"
-    extra = {key: meta[key] for key in ("granularity", "num_zero", "num_copy", "num_const", "pregate") if key in meta}
-    needs_fitted = not upcycled and (extra.get("pregate") or any(extra.get(k) for k in ("num_zero", "num_copy",
-                                                                                         "num_const")))
-    moe = moefx.convert(model, meta["num_experts"], meta["top_k"], [example],
-                        method="upcycle" if upcycled else "random", num_shared=meta["num_shared"], top_p=meta["top_p"],
-                        min_k=meta["min_k"], router="least_squares" if needs_fitted else "centroid", progress=False,
-                        **extra)
-    weights = load_file(os.path.join(path, WEIGHTS))
-    _add_missing_biases(moe, weights)
+    moe = rebuild(model, example, Recipe.from_dict(meta["recipe"], source=os.path.join(path, RECIPE)), inplace=built)
     load_model(moe, os.path.join(path, WEIGHTS), strict=True)
     return moe
+
+
+def _read_meta(file: str) -> dict:
+    try:
+        with open(file) as f:
+            meta = json.load(f)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"moefx.load_pretrained: {file} is not valid JSON ({error}); save the model again") from None
+    missing = [k for k in ("recipe", "example_kind", "example_constants", "model_class") if k not in meta]
+    if missing:
+        raise ValueError(f"moefx.load_pretrained: {file} lacks {missing} (written by another moefx version, or "
+                         "edited); save the converted model again with moefx.save_pretrained")
+    return meta
 
 
 def _dense_from_config(path: str, class_name: str) -> nn.Module:
@@ -117,17 +118,6 @@ def _dense_from_config(path: str, class_name: str) -> nn.Module:
     cls = getattr(transformers, class_name, None) or transformers.AutoModel
     build = cls.from_config if cls is transformers.AutoModel else cls._from_config
     return build(config).eval()
-
-
-def _add_missing_biases(moe: nn.Module, weights: dict) -> None:
-    """Refit and router distillation add biases a fresh conversion lacks: create them to load into."""
-    for name, layer in moe.named_modules():
-        if not isinstance(layer, MoELayer):
-            continue
-        for attr, owner, key in (("b_out", layer, "b_out"), ("bias", layer, "bias"), ("bias", layer.router, "router.bias")):
-            full = f"{name}.{key}"
-            if full in weights and getattr(owner, attr) is None:
-                setattr(owner, attr, nn.Parameter(torch.zeros_like(weights[full], dtype=layer.w_in.dtype)))
 
 
 # transformers MoE class each layout writes, and the dense causal LMs whose attention it reproduces

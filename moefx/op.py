@@ -1,6 +1,7 @@
 """The moefx op contract: ``torch.ops.moefx.moe``, the routed experts of one MoE layer.
 
-Every consumer (the reference below, the Triton kernels in ``moefx.codegen``, the compile
+The op takes nine tensors (``MoEInputs``) and ten static attributes (``MoEAttrs``); only the
+``torch.library`` registration below spells the flat schema, built from those two types. Every consumer (the reference below, the Triton kernels in ``moefx.codegen``, the compile
 passes, the ONNX translation) implements or emits exactly this op; none re-derives it.
 
 Semantics, per token t (row of ``x``), with E routed experts and Z = num_zero + num_copy +
@@ -27,13 +28,22 @@ runs in fp32 (fp64 for fp64 inputs); expert GEMMs accumulate likewise; y has x's
 top_k = E (no zero-computation experts), y is the sum of all experts: a dense FFN carved into
 experts is reproduced exactly. With renormalized softmax gates and identical experts
 (upcycling), y equals one expert at any top_k.
+
+Implementations register into ``IMPLEMENTATIONS`` by name (``register_implementation``); the op
+picks one per call with ``kernel_path`` (``MOEFX_KERNELS``). ``moefx.codegen`` registers "triton";
+a provider module is imported by name the first time its path is selected, so nothing here
+imports it.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
+import importlib
+import inspect
 import math
 import os
-from typing import Optional
+import typing
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +57,91 @@ ACTIVATIONS = {
 }
 SCORINGS = ("softmax", "sigmoid", "unit")
 KERNEL_PATHS = ("auto", "triton", "reference")
+
+
+class MoEInputs(NamedTuple):
+    """The op's tensor arguments, in schema order (shapes in the module docstring)."""
+
+    x: Tensor
+    router_input: Tensor
+    w_router: Tensor
+    b_router: Optional[Tensor]
+    w_in: Tensor
+    b_in: Optional[Tensor]
+    w_out: Tensor
+    b_out: Optional[Tensor]
+    const_experts: Optional[Tensor]
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEAttrs:
+    """The op's static attributes, in schema order; validated on construction."""
+
+    top_k: int
+    activation: str
+    gated: bool
+    scoring: str = "softmax"
+    renormalize: bool = False
+    top_p: float = 1.0
+    min_k: int = 1
+    gate_scale: float = 1.0
+    num_zero: int = 0
+    num_copy: int = 0
+
+    def __post_init__(self):
+        def fail(msg):
+            raise ValueError(f"moefx.moe: {msg}")
+
+        for name in ("top_k", "min_k", "num_zero", "num_copy"):
+            if not isinstance(getattr(self, name), int) or isinstance(getattr(self, name), bool):
+                fail(f"{name}={getattr(self, name)!r} must be an int")
+        if self.top_k < 1:
+            fail(f"top_k={self.top_k} must be at least 1")
+        if not 1 <= self.min_k <= self.top_k:
+            fail(f"min_k={self.min_k} must be between 1 and top_k={self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:  # also False for NaN
+            fail(f"top_p={self.top_p} must be in (0, 1]")
+        if self.num_zero < 0 or self.num_copy < 0:
+            fail(f"num_zero={self.num_zero} and num_copy={self.num_copy} must be >= 0")
+        if self.activation not in ACTIVATIONS:
+            fail(f"activation {self.activation!r} is not one of {sorted(ACTIVATIONS)}")
+        if self.scoring not in SCORINGS:
+            fail(f"scoring {self.scoring!r} is not one of {SCORINGS}")
+        if not math.isfinite(self.gate_scale):
+            fail(f"gate_scale={self.gate_scale} must be finite")
+
+    def flat(self) -> tuple:
+        """The attribute values in schema order."""
+        return tuple(getattr(self, f.name) for f in dataclasses.fields(self))
+
+    def describe(self) -> str:
+        extras = [f"{self.scoring} scoring"] + ["renormalized"] * self.renormalize
+        extras += [f"dynamic-k top_p={self.top_p}"] * (self.top_p < 1.0)
+        extras += [f"gate_scale={self.gate_scale}"] * (self.gate_scale != 1.0)
+        extras += [f"{self.num_zero} zero / {self.num_copy} copy experts"] * bool(self.num_zero or self.num_copy)
+        return f"top-{self.top_k} {'gated ' * self.gated}{self.activation}, {', '.join(extras)}"
+
+
+def with_op_signature(*leading: str) -> Callable[[Callable], Callable]:
+    """Give ``fn(*args)`` the op's typed signature (tensors named ``leading``, then the ``MoEInputs`` and
+    ``MoEAttrs`` fields), from which ``torch.library`` infers the schema: the one place the flat
+    argument list is spelled."""
+    def decorate(fn: Callable) -> Callable:
+        hints = {**{name: Tensor for name in leading}, **typing.get_type_hints(MoEInputs),
+                 **typing.get_type_hints(MoEAttrs)}
+        parameters = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=hint)
+                      for name, hint in hints.items()]
+        fn.__signature__ = inspect.Signature(parameters, return_annotation=typing.get_type_hints(fn)["return"])
+        return fn
+    return decorate
+
+
+NUM_INPUTS = len(MoEInputs._fields)
+
+
+def unflatten(args: tuple) -> tuple[MoEInputs, MoEAttrs]:
+    """(inputs, attrs) from the op's flat arguments."""
+    return MoEInputs(*args[:NUM_INPUTS]), MoEAttrs(*args[NUM_INPUTS:])
 
 
 def kernel_path(device: torch.device) -> str:
@@ -68,49 +163,62 @@ def _triton_available() -> bool:
     return True
 
 
+Implementation = Callable[[MoEInputs, MoEAttrs], Tensor]
+IMPLEMENTATIONS: dict[str, Implementation] = {}
+# the module that registers each implementation not defined here
+PROVIDERS = {"triton": "moefx.codegen"}
+
+
+def register_implementation(name: str, implementation: Implementation) -> None:
+    """Make ``implementation(inputs, attrs) -> y`` the op's body where ``kernel_path`` selects ``name``."""
+    IMPLEMENTATIONS[name] = implementation
+
+
+def implementation(name: str) -> Implementation:
+    if name not in IMPLEMENTATIONS and name in PROVIDERS:
+        importlib.import_module(PROVIDERS[name])
+    return IMPLEMENTATIONS[name]
+
+
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """fp32 for every input dtype but fp64, which keeps its precision (gradcheck, references)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def route(
-    router_input: Tensor,
-    w_router: Tensor,
-    b_router: Optional[Tensor],
-    top_k: int,
-    scoring: str,
-    renormalize: bool,
-    top_p: float,
-    min_k: int,
-    gate_scale: float,
-) -> tuple[Tensor, Tensor]:
+def route(router_input: Tensor, w_router: Tensor, b_router: Optional[Tensor], attrs: MoEAttrs
+          ) -> tuple[Tensor, Tensor]:
     """Gates [T, top_k] (fp32, 0 for choices dropped by dynamic-k) and expert ids [T, top_k]."""
     acc = accumulation_dtype(router_input.dtype)
     logits = F.linear(router_input.to(acc), w_router.to(acc), None if b_router is None else b_router.to(acc))
-    if scoring == "softmax":
+    if attrs.scoring == "softmax":
         scores = logits.softmax(-1)
-    elif scoring == "sigmoid":
+    elif attrs.scoring == "sigmoid":
         scores = logits.sigmoid()
     else:
         scores = logits
-    top_scores, ids = scores.topk(top_k, dim=-1)
-    gates = torch.ones_like(top_scores) if scoring == "unit" else top_scores
-    if top_p < 1.0:
+    top_scores, ids = scores.topk(attrs.top_k, dim=-1)
+    gates = torch.ones_like(top_scores) if attrs.scoring == "unit" else top_scores
+    if attrs.top_p < 1.0:
         probs = logits.softmax(-1).gather(-1, ids)
         mass_before = probs.cumsum(-1) - probs
-        rank = torch.arange(top_k, device=ids.device)
-        gates = gates * ((rank < min_k) | (mass_before < top_p))
-    if renormalize:
+        rank = torch.arange(attrs.top_k, device=ids.device)
+        gates = gates * ((rank < attrs.min_k) | (mass_before < attrs.top_p))
+    if attrs.renormalize:
         gates = gates / gates.sum(-1, keepdim=True)
-    return gates * gate_scale, ids
+    return gates * attrs.gate_scale, ids
+
+
+def activate(a: Tensor, activation: str, gated: bool) -> Tensor:
+    """The expert's hidden activation h from its pre-activation a: act(a), or act(a[0::2]) * a[1::2] when gated
+    (gate and up rows interleaved)."""
+    act = ACTIVATIONS[activation]
+    return act(a[..., 0::2]) * a[..., 1::2] if gated else act(a)
 
 
 def expert_ffn(x: Tensor, w_in: Tensor, b_in: Optional[Tensor], w_out: Tensor, b_out: Optional[Tensor],
                activation: str, gated: bool) -> Tensor:
-    """One expert f_e applied to rows x (fp32 math)."""
-    a = F.linear(x, w_in, b_in)
-    h = ACTIVATIONS[activation](a[:, 0::2]) * a[:, 1::2] if gated else ACTIVATIONS[activation](a)
-    return F.linear(h, w_out, b_out)
+    """One expert f_e applied to rows x."""
+    return F.linear(activate(F.linear(x, w_in, b_in), activation, gated), w_out, b_out)
 
 
 def _computing_experts(ids: Tensor, num_choices: int, num_experts: int, num_zero: int):
@@ -127,50 +235,39 @@ def _computing_experts(ids: Tensor, num_choices: int, num_experts: int, num_zero
             yield e, slots, token_of_slot[slots]
 
 
-def moe_reference(
-    x: Tensor, router_input: Tensor, w_router: Tensor, b_router: Optional[Tensor],
-    w_in: Tensor, b_in: Optional[Tensor], w_out: Tensor, b_out: Optional[Tensor],
-    const_experts: Optional[Tensor], top_k: int, activation: str, gated: bool, scoring: str,
-    renormalize: bool, top_p: float, min_k: int, gate_scale: float, num_zero: int, num_copy: int,
-) -> Tensor:
+def moe_reference(inputs: MoEInputs, attrs: MoEAttrs) -> Tensor:
     """Pure-PyTorch implementation of the contract: tokens grouped per expert, one GEMM pair each."""
-    gates, ids = route(router_input, w_router, b_router, top_k, scoring, renormalize, top_p, min_k, gate_scale)
+    x, router_input, w_router, b_router, w_in, b_in, w_out, b_out, const_experts = inputs
+    gates, ids = route(router_input, w_router, b_router, attrs)
     num_experts = w_in.shape[0]
     acc = gates.dtype
     xf = x.to(acc)
     out = torch.zeros_like(xf)
     flat_gates = gates.flatten()
-    for e, slots, tokens in _computing_experts(ids, w_router.shape[0], num_experts, num_zero):
+    for e, slots, tokens in _computing_experts(ids, w_router.shape[0], num_experts, attrs.num_zero):
         if e < num_experts:
             y = expert_ffn(xf[tokens], w_in[e].to(acc), None if b_in is None else b_in[e].to(acc),
-                           w_out[e].to(acc), None if b_out is None else b_out[e].to(acc), activation, gated)
-        elif e < num_experts + num_zero + num_copy:
+                           w_out[e].to(acc), None if b_out is None else b_out[e].to(acc), attrs.activation,
+                           attrs.gated)
+        elif e < num_experts + attrs.num_zero + attrs.num_copy:
             y = xf[tokens]
         else:
-            y = const_experts[e - num_experts - num_zero - num_copy].to(acc).expand(len(slots), -1)
+            y = const_experts[e - num_experts - attrs.num_zero - attrs.num_copy].to(acc).expand(len(slots), -1)
         out.index_add_(0, tokens, y * flat_gates[slots, None])
     return out.to(x.dtype)
 
 
+register_implementation("reference", moe_reference)
+
+
 @torch.library.custom_op("moefx::moe", mutates_args=())
-def moe(
-    x: Tensor, router_input: Tensor, w_router: Tensor, b_router: Optional[Tensor],
-    w_in: Tensor, b_in: Optional[Tensor], w_out: Tensor, b_out: Optional[Tensor],
-    const_experts: Optional[Tensor], top_k: int, activation: str, gated: bool, scoring: str,
-    renormalize: bool, top_p: float, min_k: int, gate_scale: float, num_zero: int, num_copy: int,
-) -> Tensor:
-    args = (x, router_input, w_router, b_router, w_in, b_in, w_out, b_out, const_experts, top_k, activation,
-            gated, scoring, renormalize, top_p, min_k, gate_scale, num_zero, num_copy)
-    if kernel_path(x.device) == "triton":
-        from moefx.codegen import moe_triton
-        return moe_triton(*args)
-    return moe_reference(*args)
+@with_op_signature()
+def moe(*args) -> Tensor:
+    inputs, attrs = unflatten(args)
+    return implementation(kernel_path(inputs.x.device))(inputs, attrs)
 
 
-@moe.register_fake
-def _(x, router_input, w_router, b_router, w_in, b_in, w_out, b_out, const_experts, top_k, activation, gated,
-      scoring, renormalize, top_p, min_k, gate_scale, num_zero, num_copy):
-    return torch.empty_like(x)
+moe.register_fake(lambda *args: torch.empty_like(args[0]))
 
 
 ACTIVATION_GRADS = {
@@ -187,17 +284,14 @@ def _gelu_tanh_grad(a: Tensor) -> Tensor:
     return 0.5 * (1 + t) + 0.5 * a * (1 - t * t) * c * (1 + 3 * 0.044715 * a * a)
 
 
-@torch.library.custom_op("moefx::moe_backward", mutates_args=())
-def moe_backward(
-    grad_out: Tensor, x: Tensor, router_input: Tensor, w_router: Tensor, b_router: Optional[Tensor],
-    w_in: Tensor, b_in: Optional[Tensor], w_out: Tensor, b_out: Optional[Tensor],
-    const_experts: Optional[Tensor], top_k: int, activation: str, gated: bool, scoring: str,
-    renormalize: bool, top_p: float, min_k: int, gate_scale: float, num_zero: int, num_copy: int,
-) -> list[Tensor]:
-    """Gradients of ``moe`` for its tensor inputs (x, router_input, w_router, b_router, w_in, b_in,
-    w_out, b_out, const_experts; empty tensors for absent optional ones). The routing choice is
-    piecewise constant, so gradients reach the router only through the gate values."""
-    gates, ids = route(router_input, w_router, b_router, top_k, scoring, renormalize, top_p, min_k, gate_scale)
+def moe_backward_reference(grad_out: Tensor, inputs: MoEInputs, attrs: MoEAttrs) -> list[Tensor]:
+    """Gradients of ``moe`` for its tensor inputs (``MoEInputs`` order; empty tensors for absent
+    optional ones). The routing choice is piecewise constant, so gradients reach the router only
+    through the gate values."""
+    x, router_input, w_router, b_router, w_in, b_in, w_out, b_out, const_experts = inputs
+    activation, gated = attrs.activation, attrs.gated
+    num_zero, num_copy = attrs.num_zero, attrs.num_copy
+    gates, ids = route(router_input, w_router, b_router, attrs)
     num_experts = w_in.shape[0]
     acc = gates.dtype
     xf, dout = x.to(acc), grad_out.to(acc)
@@ -213,12 +307,7 @@ def moe_backward(
         if e < num_experts:
             xe = xf[tokens]
             a = F.linear(xe, w_in[e].to(acc), None if b_in is None else b_in[e].to(acc))
-            if gated:
-                gate, up = a[:, 0::2], a[:, 1::2]
-                act_gate = ACTIVATIONS[activation](gate)
-                h = act_gate * up
-            else:
-                h = ACTIVATIONS[activation](a)
+            h = activate(a, activation, gated)
             y = F.linear(h, w_out[e].to(acc), None if b_out is None else b_out[e].to(acc))
             dy = g_out * flat_gates[slots, None]
             dw_out[e] = dy.T @ h
@@ -226,9 +315,10 @@ def moe_backward(
                 db_out[e] = dy.sum(0)
             dh = dy @ w_out[e].to(acc)
             if gated:
+                gate, up = a[:, 0::2], a[:, 1::2]
                 da = torch.empty_like(a)
                 da[:, 0::2] = dh * up * ACTIVATION_GRADS[activation](gate)
-                da[:, 1::2] = dh * act_gate
+                da[:, 1::2] = dh * ACTIVATIONS[activation](gate)
             else:
                 da = dh * ACTIVATION_GRADS[activation](a)
             dw_in[e] = da.T @ xe
@@ -244,93 +334,93 @@ def moe_backward(
             d_const[j] = (g_out * flat_gates[slots, None]).sum(0)
         flat_dgates[slots] = (g_out * y).sum(-1)
 
-    d_logits = _route_backward(router_input, w_router, b_router, gates, ids, d_gates, scoring, renormalize,
-                               top_p, min_k, gate_scale)
+    d_logits = _route_backward(router_input, w_router, b_router, gates, ids, d_gates, attrs)
     d_router_input = d_logits @ w_router.to(acc)
     if router_input is x:
         dx += d_router_input
         d_router_input = torch.zeros_like(d_router_input)
     grads = [dx, d_router_input, d_logits.T @ router_input.to(acc),
              None if b_router is None else d_logits.sum(0), dw_in, db_in, dw_out, db_out, d_const]
-    like = [x, router_input, w_router, b_router, w_in, b_in, w_out, b_out, const_experts]
-    return [x.new_empty(0) if g is None else g.to(t.dtype) for g, t in zip(grads, like)]
+    return [x.new_empty(0) if g is None else g.to(t.dtype) for g, t in zip(grads, inputs)]
 
 
-def _route_backward(router_input, w_router, b_router, gates, ids, d_gates, scoring, renormalize, top_p, min_k,
-                    gate_scale) -> Tensor:
+def _route_backward(router_input, w_router, b_router, gates, ids, d_gates, attrs: MoEAttrs) -> Tensor:
     """Gradient of the router logits given the gradient of the gates ``route`` returned."""
     acc = gates.dtype
     logits = F.linear(router_input.to(acc), w_router.to(acc), None if b_router is None else b_router.to(acc))
-    if scoring == "unit":
+    if attrs.scoring == "unit":
         return torch.zeros_like(logits)
-    scores = logits.softmax(-1) if scoring == "softmax" else logits.sigmoid()
-    d_raw = d_gates * gate_scale
-    if renormalize:
+    scores = logits.softmax(-1) if attrs.scoring == "softmax" else logits.sigmoid()
+    d_raw = d_gates * attrs.gate_scale
+    if attrs.renormalize:
         raw = scores.gather(-1, ids) * (gates != 0)
         total = raw.sum(-1, keepdim=True)
         d_raw = (d_raw - (d_raw * raw).sum(-1, keepdim=True) / total) / total
-    d_raw = d_raw * (gates != 0) if top_p < 1.0 else d_raw
+    d_raw = d_raw * (gates != 0) if attrs.top_p < 1.0 else d_raw
     d_scores = torch.zeros_like(scores).scatter_add_(-1, ids, d_raw)
-    if scoring == "softmax":
+    if attrs.scoring == "softmax":
         return scores * (d_scores - (d_scores * scores).sum(-1, keepdim=True))
     return d_scores * scores * (1 - scores)
 
 
-@moe_backward.register_fake
-def _(grad_out, x, router_input, w_router, b_router, w_in, b_in, w_out, b_out, const_experts, *config):
-    tensors = [x, router_input, w_router, b_router, w_in, b_in, w_out, b_out, const_experts]
-    return [x.new_empty(0) if t is None else torch.empty_like(t) for t in tensors]
+@torch.library.custom_op("moefx::moe_backward", mutates_args=())
+@with_op_signature("grad_out")
+def moe_backward(*args) -> list[Tensor]:
+    """(grad_out first, then the op's arguments) -> ``moe_backward_reference``."""
+    grad_out, (inputs, attrs) = args[0], unflatten(args[1:])
+    return moe_backward_reference(grad_out, inputs, attrs)
+
+moe_backward.register_fake(lambda grad_out, *args: [args[0].new_empty(0) if t is None else torch.empty_like(t)
+                                                    for t in args[:NUM_INPUTS]])
 
 
-def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*[t if isinstance(t, Tensor) else None for t in inputs[:9]])
-    ctx.config = inputs[9:]
+def setup_context(ctx, inputs, output):
+    """Autograd context of any op with the moefx schema: saves the tensors, keeps the attributes."""
+    ctx.save_for_backward(*[t if isinstance(t, Tensor) else None for t in inputs[:NUM_INPUTS]])
+    ctx.attrs = inputs[NUM_INPUTS:]
 
 
-def _backward(ctx, grad_out):
+def backward(ctx, grad_out):
+    """The contract's analytic backward (``moe_backward``), whatever implementation computed y."""
     saved = ctx.saved_tensors
-    grads = torch.ops.moefx.moe_backward(grad_out.contiguous(), *saved, *ctx.config)
+    grads = torch.ops.moefx.moe_backward(grad_out.contiguous(), *saved, *ctx.attrs)
     tensor_grads = [None if t is None else g for t, g in zip(saved, grads)]
-    return (*tensor_grads, *([None] * len(ctx.config)))
+    return (*tensor_grads, *([None] * len(ctx.attrs)))
 
 
-moe.register_autograd(_backward, setup_context=_setup_context)
+def register_autograd(op) -> None:
+    """Give ``op`` (``moefx::moe`` or an op with the same schema) the contract's analytic backward."""
+    torch.library.register_autograd(op, backward, setup_context=setup_context)
 
 
-def moe_op(
-    x: Tensor, router_input: Tensor, w_router: Tensor, b_router: Optional[Tensor],
-    w_in: Tensor, b_in: Optional[Tensor], w_out: Tensor, b_out: Optional[Tensor],
-    *, top_k: int, activation: str, gated: bool, scoring: str = "softmax", renormalize: bool = False,
-    top_p: float = 1.0, min_k: int = 1, gate_scale: float = 1.0, num_zero: int = 0, num_copy: int = 0,
-    const_experts: Optional[Tensor] = None,
-) -> Tensor:
-    """Validate the arguments against the contract, then call ``torch.ops.moefx.moe``."""
-    check_moe_args(x, router_input, w_router, b_router, w_in, b_in, w_out, b_out, const_experts, top_k,
-                   activation, gated, scoring, top_p, min_k, num_zero, num_copy)
-    return torch.ops.moefx.moe(x, router_input, w_router, b_router, w_in, b_in, w_out, b_out, const_experts,
-                               top_k, activation, gated, scoring, renormalize, top_p, min_k, gate_scale,
-                               num_zero, num_copy)
+register_autograd(moe)
 
 
-def check_moe_args(x, router_input, w_router, b_router, w_in, b_in, w_out, b_out, const_experts, top_k,
-                   activation, gated, scoring, top_p, min_k, num_zero, num_copy) -> None:
-    """Raise a ValueError naming the first argument that breaks the contract."""
+def moe_op(inputs: MoEInputs, attrs: MoEAttrs) -> Tensor:
+    """Validate the tensors against the contract, then call ``torch.ops.moefx.moe``."""
+    check_inputs(inputs, attrs)
+    return torch.ops.moefx.moe(*inputs, *attrs.flat())
+
+
+def check_inputs(inputs: MoEInputs, attrs: MoEAttrs) -> None:
+    """Raise a ValueError naming the first tensor that breaks the contract (``MoEAttrs`` checks itself)."""
     def fail(msg):
         raise ValueError(f"moefx.moe: {msg}")
 
+    x, router_input, w_router, b_router, w_in, b_in, w_out, b_out, const_experts = inputs
     if x.dim() != 2 or router_input.dim() != 2 or router_input.shape[0] != x.shape[0]:
         fail(f"x {tuple(x.shape)} and router_input {tuple(router_input.shape)} must be [T, H] and [T, Hr]; "
              "flatten leading dimensions first")
     num_experts, f_in, hidden = w_in.shape
     num_const = 0 if const_experts is None else const_experts.shape[0]
-    total = num_experts + num_zero + num_copy + num_const
+    total = num_experts + attrs.num_zero + attrs.num_copy + num_const
     if hidden != x.shape[1]:
         fail(f"w_in is [E, F_in, {hidden}] but x has {x.shape[1]} features")
     if w_router.shape != (total, router_input.shape[1]):
         fail(f"w_router is {tuple(w_router.shape)}, expected [{total}, {router_input.shape[1]}] "
              f"({num_experts} experts + {total - num_experts} zero-computation experts)")
-    width = f_in // 2 if gated else f_in
-    if gated and f_in % 2:
+    width = f_in // 2 if attrs.gated else f_in
+    if attrs.gated and f_in % 2:
         fail(f"gated experts need interleaved gate/up rows, but w_in has an odd row count {f_in}")
     if w_out.shape != (num_experts, hidden, width):
         fail(f"w_out is {tuple(w_out.shape)}, expected [{num_experts}, {hidden}, {width}]")
@@ -339,13 +429,5 @@ def check_moe_args(x, router_input, w_router, b_router, w_in, b_in, w_out, b_out
                               ("const_experts", const_experts, (num_const, hidden))):
         if bias is not None and tuple(bias.shape) != shape:
             fail(f"{name} is {tuple(bias.shape)}, expected {list(shape)}")
-    if not 1 <= top_k <= total:
-        fail(f"top_k={top_k} must be between 1 and the number of experts ({total})")
-    if not 1 <= min_k <= top_k:
-        fail(f"min_k={min_k} must be between 1 and top_k={top_k}")
-    if not 0.0 < top_p <= 1.0 or math.isnan(top_p):
-        fail(f"top_p={top_p} must be in (0, 1]")
-    if activation not in ACTIVATIONS:
-        fail(f"activation {activation!r} is not one of {sorted(ACTIVATIONS)}")
-    if scoring not in SCORINGS:
-        fail(f"scoring {scoring!r} is not one of {SCORINGS}")
+    if attrs.top_k > total:
+        fail(f"top_k={attrs.top_k} must be between 1 and the number of experts ({total})")

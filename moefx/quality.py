@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from moefx.layer import MoELayer
-from moefx.runtime import call_model, output_tensor
+from moefx.runtime import call_model, hooks, output_tensor
 from moefx.fit.refit import selection
 from moefx.fit.routers import oracle_scores
 
@@ -65,16 +65,12 @@ def _record(model: nn.Module, inputs_of: dict[str, str], outputs_of: dict[str, s
         if len(args) > 1 and isinstance(args[1], Tensor):
             inputs.setdefault(key + ":router", args[1].detach())
 
-    handles = [model.get_submodule(name).register_forward_pre_hook(lambda m, a, key=key: keep_input(m, a, key))
-               for key, name in inputs_of.items()]
-    handles += [model.get_submodule(name).register_forward_hook(
-        lambda m, a, out, key=key: outputs.setdefault(key, out.detach())) for key, name in outputs_of.items()]
-    try:
-        with torch.no_grad():
-            output = call_model(model, batch)
-    finally:
-        for handle in handles:
-            handle.remove()
+    registrations = [lambda name=name, key=key: model.get_submodule(name).register_forward_pre_hook(
+        lambda m, a: keep_input(m, a, key)) for key, name in inputs_of.items()]
+    registrations += [lambda name=name, key=key: model.get_submodule(name).register_forward_hook(
+        lambda m, a, out: outputs.setdefault(key, out.detach())) for key, name in outputs_of.items()]
+    with hooks(*registrations), torch.no_grad():
+        output = call_model(model, batch)
     return inputs, outputs, output
 
 

@@ -43,13 +43,16 @@ def output_tensor(output: Any) -> Tensor:
 
 
 def token_mask(batch: Any, shape: torch.Size) -> Optional[Tensor]:
-    """The real-token mask [B, S] (bool) of a dict batch with ``attention_mask``, when a tensor of
-    ``shape`` is per token ([B, S, ...] or its flattening [B*S, ...]); None otherwise."""
+    """Which rows of a per-token tensor of ``shape`` are real tokens (not padding), from a dict batch's
+    ``attention_mask`` [B, S]: a bool [B, S] for [B, S, ...], [B*S] for [B*S, ...]; None when the batch
+    has no mask or the tensor is not per token."""
     mask = batch.get("attention_mask") if isinstance(batch, dict) else None
-    if not isinstance(mask, Tensor) or mask.dim() != 2 or not shape:
+    if not isinstance(mask, Tensor) or mask.dim() != 2 or len(shape) < 2:
         return None
-    if tuple(shape[:2]) == tuple(mask.shape) or shape[0] == mask.numel():
+    if tuple(shape[:2]) == tuple(mask.shape):
         return mask.bool()
+    if shape[0] == mask.numel():
+        return mask.reshape(-1).bool()
     return None
 
 

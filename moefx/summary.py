@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from moefx.layer import MoELayer
-from moefx.runtime import call_model
+from moefx.runtime import call_model, hooks
 from moefx.fit.refit import selection
 
 
@@ -132,17 +132,13 @@ def _count_routed_experts(model: nn.Module, layers: dict[str, MoELayer], data: I
         counts[name][0] += int((selection(module, route_from.float()) != 0).sum())
         counts[name][1] += x.shape[0]
 
-    handles = [m.register_forward_pre_hook(lambda mod, a, kw, name=name: hook(mod, a, kw, name), with_kwargs=True)
-               for name, m in layers.items()]
+    registrations = [lambda m=m, name=name: m.register_forward_pre_hook(
+        lambda mod, a, kw: hook(mod, a, kw, name), with_kwargs=True) for name, m in layers.items()]
     batches = 0
-    try:
-        with torch.no_grad():
-            for batch in data:
-                call_model(model, batch)
-                batches += 1
-    finally:
-        for handle in handles:
-            handle.remove()
+    with hooks(*registrations), torch.no_grad():
+        for batch in data:
+            call_model(model, batch)
+            batches += 1
     if not batches:
         raise ValueError("moefx.summary: data is empty; pass model inputs (like the calibration batches) or leave "
                          "data out for the static top_k")

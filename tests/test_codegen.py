@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from moefx.op import unflatten
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -107,7 +109,7 @@ def make_inputs(case: Case, device="cpu", seed=0):
 
 def relative_error(out, args) -> float:
     from moefx.op import moe_reference
-    ref = moe_reference(*[a.double().cpu() if isinstance(a, torch.Tensor) else a for a in args])
+    ref = moe_reference(*unflatten([a.double().cpu() if isinstance(a, torch.Tensor) else a for a in args]))
     if ref.numel() == 0:
         return 0.0 if out.shape == ref.shape else math.inf
     if not torch.isfinite(out).all():
@@ -121,7 +123,7 @@ def routing_facts(args) -> dict:
     x, router_input, w_router, b_router, w_in = args[:5]
     if x.shape[0] == 0:
         return {}
-    gates, ids = route(router_input, w_router, b_router, *args[9:10], *args[12:17])
+    gates, ids = route(router_input, w_router, b_router, unflatten(args)[1])
     num_experts = w_in.shape[0]
     return {"dropped": int((gates == 0).sum()), "zero_computation": int((ids >= num_experts).sum()),
             "experts_used": int(ids.unique().numel())}
@@ -135,7 +137,7 @@ def run(case: Case) -> torch.Tensor:
     if case.entry == "triton_op":
         return torch.ops.moefx.moe_triton(*args)
     from moefx.codegen import moe_triton
-    return moe_triton(*args)
+    return moe_triton(*unflatten(args))
 
 
 def poison_allocations():
@@ -232,7 +234,8 @@ def test_pipeline_launches(tokens, deterministic, kernels):
     from moefx.codegen.launch import plan
     torch.use_deterministic_algorithms(deterministic)
     try:
-        _, launches = plan(*meta_args(*SM90_SHAPES["qwen3-30b-a3b"], tokens), kind="sm90", multiprocessors=132)
+        _, launches = plan(*unflatten(meta_args(*SM90_SHAPES["qwen3-30b-a3b"], tokens)), kind="sm90",
+                           multiprocessors=132)
     finally:
         torch.use_deterministic_algorithms(False)
     assert [step.kernel.__name__ for step in launches] == kernels
@@ -244,7 +247,7 @@ def test_token_counts_in_a_bucket_share_compiled_kernels(bucket):
     argument that changes with the token count is exempt from Triton's specialisation: one
     compiled variant per bucket, so serving never JIT-compiles for a new token count."""
     from moefx.codegen.launch import plan
-    plans = [plan(*meta_args(*SM90_SHAPES["qwen3-30b-a3b"], tokens), kind="sm90", multiprocessors=132)[1]
+    plans = [plan(*unflatten(meta_args(*SM90_SHAPES["qwen3-30b-a3b"], tokens)), kind="sm90", multiprocessors=132)[1]
              for tokens in bucket]
     for steps in zip(*plans):
         kernel = steps[0].kernel
@@ -275,7 +278,7 @@ def test_kernels_compile_for_sm90_without_spills(shape):
     for tokens, deterministic in ((1, False), (64, False), (16384, True)):
         torch.use_deterministic_algorithms(deterministic)
         try:
-            _, launches = plan(*meta_args(*SM90_SHAPES[shape], tokens), kind="sm90", multiprocessors=132)
+            _, launches = plan(*unflatten(meta_args(*SM90_SHAPES[shape], tokens)), kind="sm90", multiprocessors=132)
         finally:
             torch.use_deterministic_algorithms(False)
         reports += [(tokens, resource_report(step)) for step in launches]
@@ -290,7 +293,7 @@ def test_bad_dtype_is_named():
     args = list(make_inputs(Case("mixed", 3, 4, 2)))
     args[4] = args[4].half()
     with pytest.raises(ValueError, match="cast the experts"):
-        moe_triton(*args)
+        moe_triton(*unflatten(args))
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -306,7 +309,7 @@ def test_gpu_matches_reference(case, dtype):
     args = make_inputs(case, device="cuda")
     torch.use_deterministic_algorithms(case.deterministic)
     try:
-        out = moe_triton(*args)
+        out = moe_triton(*unflatten(args))
     finally:
         torch.use_deterministic_algorithms(False)
     assert relative_error(out, args) <= TOLERANCE[dtype]
@@ -321,7 +324,7 @@ def test_gpu_indexing_past_2_31_elements():
     tokens = 2 ** 31 // hidden + 4096
     case = Case("big", tokens, 2, 1, hidden=hidden, width=16, dtype="bfloat16")
     args = make_inputs(case, device="cuda")
-    out = moe_triton(*args)
+    out = moe_triton(*unflatten(args))
     tail = slice(tokens - 512, tokens)  # rows whose element offsets exceed 2**31
     tail_args = (args[0][tail], args[1][tail], *args[2:])
     assert relative_error(out[tail], tail_args) <= TOLERANCE["bfloat16"]
@@ -333,7 +336,7 @@ def test_gpu_warmup_compiles_every_bucket_once():
     from moefx.codegen import launch, moe_triton, warmup
     case = Case("buckets", 8, 8, 2, hidden=256, width=128, dtype="bfloat16")
     args = make_inputs(case, device="cuda")
-    warmup(*args, max_tokens=512)
+    warmup(*unflatten(args), max_tokens=512)
     kernels = [launch.router_kernel, launch.permute_kernel, launch.grouped_up_kernel, launch.grouped_down_kernel,
                launch.decode_up_kernel, launch.decode_down_kernel]
 
@@ -343,7 +346,7 @@ def test_gpu_warmup_compiles_every_bucket_once():
     before = compiled()
     for tokens in (1, 3, 5, 17, 100, 333, 511):
         x = torch.randn(tokens, case.hidden, dtype=torch.bfloat16, device="cuda")
-        moe_triton(x, x, *args[2:])
+        moe_triton(*unflatten((x, x, *args[2:])))
     torch.cuda.synchronize()
     assert compiled() == before
 
@@ -358,11 +361,11 @@ def test_gpu_cuda_graph_replay(tokens):
     args = list(make_inputs(case, device="cuda"))
     static_x = args[0].clone()
     run_args = (static_x, static_x, *args[2:])
-    moe_triton(*run_args)
+    moe_triton(*unflatten(run_args))
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = moe_triton(*run_args)
+        out = moe_triton(*unflatten(run_args))
     static_x.copy_(torch.randn_like(static_x))
     graph.replay()
     torch.cuda.synchronize()
@@ -376,7 +379,7 @@ def test_gpu_deterministic_mode_is_bitwise_repeatable():
     args = make_inputs(Case("det", 4096, 64, 8, hidden=512, width=256, dtype="bfloat16"), device="cuda")
     torch.use_deterministic_algorithms(True)
     try:
-        first, second = moe_triton(*args), moe_triton(*args)
+        first, second = moe_triton(*unflatten(args)), moe_triton(*unflatten(args))
     finally:
         torch.use_deterministic_algorithms(False)
     assert torch.equal(first, second)

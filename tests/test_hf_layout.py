@@ -5,6 +5,7 @@ import torch
 
 import moefx
 from moefx.layer import MoELayer
+from moefx.op import MoEAttrs
 
 transformers = pytest.importorskip("transformers")
 
@@ -118,7 +119,7 @@ def test_layers_the_target_cannot_express_are_refused(tmp_path):
     dense = dense_model("Llama")
     moe = upcycled(dense)
     layer = moe_layer(moe, 1)
-    zero = MoELayer(64, 128, 4, 2, "silu", True, scoring="softmax", renormalize=True, num_zero=1)
+    zero = MoELayer(64, 128, 4, MoEAttrs(2, "silu", True, scoring="softmax", renormalize=True, num_zero=1))
     moe.model.layers[1].mlp.moe = zero
     assert "model.layers.1.mlp.moe has zero-computation experts" in refusal(moe, "mixtral", tmp_path)
     moe.model.layers[1].mlp.moe = upcycled(dense, num_experts=2, top_k=1).model.layers[1].mlp.moe

@@ -12,7 +12,7 @@ import torch
 import transformers
 from torch._dynamo.utils import counters
 
-from moefx.op import moe_op
+from moefx.op import MoEAttrs, MoEInputs, moe_op
 from moefx.compile.moe_blocks import rewrite_moe_blocks
 from moefx.compile.passes import run_pre_grad_passes
 from moefx.compile.swap_triton import is_moe_call, swap_triton
@@ -210,8 +210,8 @@ class ConvertedMoE(torch.nn.Module):
         self.w_out = torch.nn.Parameter(torch.randn(4, 8, 6))
 
     def forward(self, x):
-        return moe_op(x, x, self.w_router, None, self.w_in, None, self.w_out, None, top_k=2, activation="silu",
-                      gated=True, renormalize=True)
+        return moe_op(MoEInputs(x, x, self.w_router, None, self.w_in, None, self.w_out, None, None),
+                      MoEAttrs(top_k=2, activation="silu", gated=True, renormalize=True))
 
 
 def test_graphs_that_already_hold_the_op_pass_through():

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from moefx.op import moe_op
+from moefx.op import MoEAttrs, MoEInputs, moe_op
 from moefx.onnx import UnsupportedLayerError, count_nodes, export_onnx, run_onnx
 from moefx.onnx.probe import probe_contrib
 from moefx.onnx.translate import MoEConfig, contrib_blocker
@@ -35,14 +35,15 @@ class OneLayer(nn.Module):
         self.w_out, self.b_out = param(num_experts, HIDDEN, WIDTH, scale=WIDTH ** -0.5), param(num_experts, HIDDEN) if bias else None
         self.const_experts = param(num_const, HIDDEN) if num_const else None
         self.pre_gating = pre_gating
-        self.config = dict(top_k=top_k, activation=activation, gated=gated, scoring=scoring, renormalize=renormalize,
-                           top_p=top_p, min_k=min_k, gate_scale=gate_scale, num_zero=num_zero, num_copy=num_copy)
+        self.attrs = MoEAttrs(top_k=top_k, activation=activation, gated=gated, scoring=scoring,
+                              renormalize=renormalize, top_p=top_p, min_k=min_k, gate_scale=gate_scale,
+                              num_zero=num_zero, num_copy=num_copy)
 
     def forward(self, x, route_from):
         flat = x.reshape(-1, HIDDEN)
         router_input = route_from.reshape(-1, HIDDEN) if self.pre_gating else flat
-        y = moe_op(flat, router_input, self.w_router, self.b_router, self.w_in, self.b_in, self.w_out, self.b_out,
-                   const_experts=self.const_experts, **self.config)
+        y = moe_op(MoEInputs(flat, router_input, self.w_router, self.b_router, self.w_in, self.b_in, self.w_out,
+                             self.b_out, self.const_experts), self.attrs)
         return torch.tanh(y).reshape(x.shape)  # an op after the MoE, as in a real model
 
 
@@ -111,10 +112,11 @@ def test_contrib_op_is_one_node_per_layer_and_matches_pytorch(tmp_path):
 
 
 def config(**overrides) -> MoEConfig:
-    base = dict(num_experts=4, top_k=2, activation="silu", gated=True, scoring="softmax", renormalize=True,
-                top_p=1.0, gate_scale=1.0, num_zero=0, num_copy=0, num_const=0, dtype="FLOAT", has_b_in=True,
-                has_b_out=True)
-    return MoEConfig(**{**base, **overrides})
+    attrs = dict(top_k=2, activation="silu", gated=True, scoring="softmax", renormalize=True, top_p=1.0,
+                 gate_scale=1.0, num_zero=0, num_copy=0)
+    tensors = dict(num_experts=4, num_const=0, dtype="FLOAT", has_b_in=True, has_b_out=True)
+    return MoEConfig(MoEAttrs(**{k: overrides.get(k, v) for k, v in attrs.items()}),
+                     **{k: overrides.get(k, v) for k, v in tensors.items()})
 
 
 @pytest.mark.parametrize("overrides, attribute", [

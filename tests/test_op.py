@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moefx.op import ACTIVATIONS, moe_op
+from moefx.op import ACTIVATIONS, MoEAttrs, MoEInputs, moe_op
 from tests.conftest import relative_error
 
 
@@ -67,8 +67,9 @@ def _config(case, top_k=3):
 
 
 def _call(t, cfg):
-    return moe_op(t["x"], t["x"], t["w_router"], t["b_router"], t["w_in"], t["b_in"], t["w_out"], t["b_out"],
-                  const_experts=t["const"], **cfg)
+    inputs = MoEInputs(t["x"], t["x"], t["w_router"], t["b_router"], t["w_in"], t["b_in"], t["w_out"], t["b_out"],
+                       t["const"])
+    return moe_op(inputs, MoEAttrs(**cfg))
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c['scoring']}-{c['activation']}-gated{c['gated']}")

@@ -68,8 +68,7 @@ def test_router_rows_of_a_copy_are_tied_so_whole_copies_are_picked():
     assert torch.equal(weight, weight[:, :1].expand_as(weight))
     assert not torch.equal(weight[0, 0], weight[1, 0])
     x = torch.randn(200, layer.hidden)
-    gates, ids = route(x, layer.router.weight, layer.router.bias, layer.top_k, layer.scoring, layer.renormalize,
-                       layer.top_p, layer.min_k, layer.gate_scale)
+    gates, ids = route(x, layer.router.weight, layer.router.bias, layer.attrs)
     copies = ids.div(3, rounding_mode="floor").sort(-1).values
     assert torch.equal(copies.view(200, 2, 3), copies.view(200, 2, 3)[..., :1].expand(200, 2, 3))
     assert torch.allclose(gates.sum(-1), torch.full((200,), 3.0))  # gate_scale G: shards of a copy sum to its share

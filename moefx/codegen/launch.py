@@ -23,7 +23,7 @@ from moefx.codegen.kernels.decode import decode_down_kernel, decode_up_kernel
 from moefx.codegen.kernels.grouped import grouped_down_kernel, grouped_up_kernel
 from moefx.codegen.kernels.permute import permute_kernel
 from moefx.codegen.kernels.router import router_kernel, router_logits_kernel
-from moefx.op import moe_reference
+from moefx.op import MoEAttrs, MoEInputs, moe_reference
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -56,35 +56,27 @@ def _decode_block_n(cfg: dict, rows: int, width: int, multiprocessors: int) -> i
     return block
 
 
-def moe_triton(
-    x: Tensor, router_input: Tensor, w_router: Tensor, b_router: Optional[Tensor],
-    w_in: Tensor, b_in: Optional[Tensor], w_out: Tensor, b_out: Optional[Tensor],
-    const_experts: Optional[Tensor], top_k: int, activation: str, gated: bool, scoring: str,
-    renormalize: bool, top_p: float, min_k: int, gate_scale: float, num_zero: int, num_copy: int,
-) -> Tensor:
+def moe_triton(inputs: MoEInputs, attrs: MoEAttrs) -> Tensor:
     """``torch.ops.moefx.moe`` through the generated Triton kernels (same arguments, same result)."""
-    args = (x, router_input, w_router, b_router, w_in, b_in, w_out, b_out, const_experts, top_k, activation, gated,
-            scoring, renormalize, top_p, min_k, gate_scale, num_zero, num_copy)
-    if x.dtype == torch.float64:
+    if inputs.x.dtype == torch.float64:
         # fp64 is the gradcheck/reference dtype; the kernels are specialised for fp32 and half types.
-        return moe_reference(*args)
-    out, launches = plan(*args)
+        return moe_reference(inputs, attrs)
+    out, launches = plan(inputs, attrs)
     for step in launches:
         wrap_triton(step.kernel)[step.grid](*step.args, **step.kwargs)
     return out
 
 
-def plan(
-    x: Tensor, router_input: Tensor, w_router: Tensor, b_router: Optional[Tensor],
-    w_in: Tensor, b_in: Optional[Tensor], w_out: Tensor, b_out: Optional[Tensor],
-    const_experts: Optional[Tensor], top_k: int, activation: str, gated: bool, scoring: str,
-    renormalize: bool, top_p: float, min_k: int, gate_scale: float, num_zero: int, num_copy: int,
-    kind: Optional[str] = None, multiprocessors: Optional[int] = None,
-) -> tuple[Tensor, list[Launch]]:
+def plan(inputs: MoEInputs, attrs: MoEAttrs, kind: Optional[str] = None, multiprocessors: Optional[int] = None
+         ) -> tuple[Tensor, list[Launch]]:
     """The output buffer and the launches that fill it, in order; nothing runs.
 
     ``kind`` and ``multiprocessors`` override the device's tuning-table key and SM count (to plan
     for a GPU that is not here, e.g. compiling for sm90 on a CPU)."""
+    x, router_input, w_router, b_router, w_in, b_in, w_out, b_out, const_experts = inputs
+    top_k, activation, gated, scoring = attrs.top_k, attrs.activation, attrs.gated, attrs.scoring
+    renormalize, top_p, min_k, gate_scale = attrs.renormalize, attrs.top_p, attrs.min_k, attrs.gate_scale
+    num_zero, num_copy = attrs.num_zero, attrs.num_copy
     if x.dtype not in KERNEL_DTYPES or w_in.dtype != x.dtype or w_out.dtype != x.dtype:
         raise ValueError(f"moefx Triton kernels need x, w_in and w_out in one of {KERNEL_DTYPES}, got "
                          f"{x.dtype}, {w_in.dtype}, {w_out.dtype}; cast the experts to x's dtype")

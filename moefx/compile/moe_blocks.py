@@ -28,10 +28,10 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import moefx.op  # noqa: F401  (registers torch.ops.moefx.moe)
 from torch.fx import GraphModule, Node
 from torch.fx.passes.infra.pass_base import PassResult
 
+from moefx.op import MoEAttrs, MoEInputs
 from moefx.compile.torch_graph import (
     CASTS, arg, call, getitem_of, is_tensor, op_name, same_size, strip_casts, value,
 )
@@ -162,9 +162,11 @@ def rewrite_block(gm: GraphModule, root: Node, region: list[Node], combined: Nod
             halves = call(graph, torch.reshape, w_in, (num_experts, 2, width, hidden))
             w_in = call(graph, torch.reshape, call(graph, torch.transpose, halves, 1, 2),
                         (num_experts, f_in, hidden))
-        out = call(graph, torch.ops.moefx.moe.default, experts.x, router.router_input, router.w_router,
-                   router.b_router, w_in, None, experts.w_down, None, None, router.top_k, experts.activation,
-                   experts.gated, router.scoring, renormalize, 1.0, 1, gate_scale, 0, 0)
+        inputs = MoEInputs(experts.x, router.router_input, router.w_router, router.b_router, w_in, None,
+                           experts.w_down, None, None)
+        attrs = MoEAttrs(router.top_k, experts.activation, experts.gated, router.scoring, renormalize,
+                         gate_scale=gate_scale)
+        out = call(graph, torch.ops.moefx.moe.default, *inputs, *attrs.flat())
         if value(out).dtype != value(combined).dtype:
             out = call(graph, torch.Tensor.to, out, value(combined).dtype)
     combined.replace_all_uses_with(out)

@@ -58,6 +58,12 @@ class FFN:
         return torch.stack([_or_zeros(b_gate, w_gate), _or_zeros(b_up, w_up)], 1).reshape(-1)
 
     @property
+    def gate_bias(self) -> Optional[Tensor]:
+        """[F] the input bias of the rows that decide whether a neuron fires (the gate rows when gated)."""
+        b_in = self.b_in
+        return None if b_in is None else b_in[0::2] if self.gated else b_in
+
+    @property
     def width(self) -> int:
         return self.w_out.shape[1]
 

@@ -30,16 +30,14 @@ import torch.fx as fx
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
-from moefx.layer import MoELayer
-from moefx.fit.calibrate import call_model, capture_rows
 from moefx.convert.find import find_ffns
-from moefx.fit.routers import FITTED_ROUTERS
-from moefx.convert.trace import CallSpec, RecordedCall, qualified, trace_piece, within
+from moefx.convert.trace import (CALL_SPEC, ROUTER_INPUT, CallSpec, RecordedCall, add_graph_input, input_nodes,
+                                 qualified, trace_piece, within)
+from moefx.layer import MoELayer
+from moefx.runtime import call_model, hooks
 
 log = logging.getLogger(__name__)
 
-PREGATES = ("block",)
-ROUTER_INPUT = "moefx_router_input"  # keyword and placeholder that carry the block input into nested pieces
 BLOCK_INPUT = "moefx_pregate_input"  # GraphModule.meta key of a block: which of its inputs routes (survives deepcopy)
 
 
@@ -52,29 +50,6 @@ class Block:
     ffns: list[str] = field(default_factory=list)
 
 
-def check_options(pregate: Optional[str], router: str, compensate: bool, refit: bool) -> None:
-    """Validate ``moefx.convert``'s pregate option against the others."""
-    if pregate is None:
-        return
-    if pregate not in PREGATES:
-        raise ValueError(f"moefx.convert: pregate={pregate!r} is not one of {PREGATES} (or None)")
-    if router not in FITTED_ROUTERS:
-        raise ValueError("moefx.convert: pregate='block' routes each MoE layer from the input of its block, so the "
-                         f"router must be fitted to that input: pass router='least_squares' or 'distilled' (not "
-                         f"{router!r})")
-    if compensate or refit:
-        raise ValueError("moefx.convert: compensate and refit fit the experts under the routing of the FFN's own "
-                         "input; with pregate use neither")
-
-
-def check_routed(model: nn.Module, ffns: list, blocks: dict[str, Block], untraced: Iterable[str]) -> None:
-    """Raise for the first FFN that no block routes."""
-    routed = {f for block in blocks.values() for f in block.ffns}
-    for ffn in ffns:
-        if ffn.name not in routed:
-            raise unrouted_error(model, ffn.name, untraced)
-
-
 def is_block_candidate(model: nn.Module, name: str) -> bool:
     """Whether ``name`` is an item of an nn.ModuleList / nn.Sequential (a repeated block)."""
     if not name:
@@ -82,23 +57,41 @@ def is_block_candidate(model: nn.Module, name: str) -> bool:
     return isinstance(model.get_submodule(name.rpartition(".")[0]), (nn.ModuleList, nn.Sequential))
 
 
-def holds_pieces(name: str, pieces: dict) -> bool:
-    return any(within(p, name) for p in pieces)
+def claim_blocks(model: nn.Module, calls: dict[str, RecordedCall], pieces: dict, affine: dict, leaves: set,
+                 untraced: dict) -> dict[str, Block]:
+    """Make the block of every FFN in ``pieces`` a traced piece of its own, routed from its input; returns
+    the blocks. A block is the innermost repeated item (``is_block_candidate``) that holds the FFN and a
+    linear layer besides its FFNs (its attention). Pieces enclosing a new block are traced again with the
+    block opaque, so that their graphs call it."""
+    blocks: dict[str, Block] = {}
+    ffns = [f for _, found in pieces.values() for f in found]
+    for name in sorted(calls, key=lambda n: (-n.count("."), n)):
+        if not is_block_candidate(model, name) or name in untraced:
+            continue
+        claimed = _claim(model, name, calls[name], pieces, affine, blocks, leaves)
+        if claimed is None:
+            continue
+        pieces[name] = claimed
+        leaves.add(model.get_submodule(name))
+        for outer in [p for p in pieces if p != name and within(name, p)]:
+            gm, found = pieces[outer]
+            if not any(n.op == "call_module" and qualified(outer, n.target) == name for n in gm.graph.nodes):
+                pieces[outer] = _retrace(model, outer, calls[outer], leaves, affine, found)
+    routed = {f for block in blocks.values() for f in block.ffns}
+    for ffn in ffns:
+        if ffn.name not in routed:
+            raise unrouted_error(model, ffn.name, untraced)
+    return blocks
 
 
-def claim_block(model: nn.Module, name: str, gm: fx.GraphModule, call: RecordedCall, found: list, pieces: dict,
-                affine: dict, blocks: dict[str, Block], leaves: set[nn.Module]
-                ) -> Optional[tuple[fx.GraphModule, list]]:
-    """Make traced module ``name`` the block of the FFNs it holds (``found`` in its own graph ``gm`` and
-    those of ``pieces`` inside it) that no inner block routes yet, if it is a block candidate holding a
-    linear layer besides its FFNs: returns the block's graph and its own FFNs, else None.
+def _claim(model: nn.Module, name: str, call: RecordedCall, pieces: dict, affine: dict, blocks: dict[str, Block],
+           leaves: set) -> Optional[tuple[fx.GraphModule, list]]:
+    """(graph, its own FFNs) of block ``name`` if it holds FFNs no inner block routes and another linear layer.
 
-    The block is traced again with every submodule that holds no FFN (its attention) opaque, so that
-    their Python (KV caches, causal-mask choices made from the sequence length) runs at every call
-    instead of being fixed to the calibration call's values."""
-    if not is_block_candidate(model, name):
-        return None
-    inside = list(found) + [f for p, (_, fs) in pieces.items() if within(p, name) for f in fs]
+    The block is traced with every submodule that holds no FFN (its attention) opaque, so that their
+    Python (KV caches, causal-mask choices made from the sequence length) runs at every call instead of
+    being fixed to the calibration call's values."""
+    inside = [f for p, (_, fs) in pieces.items() if p == name or within(p, name) for f in fs]
     routed = {f for block in blocks.values() for f in block.ffns}
     held = [f for f in inside if f.name not in routed]
     ffn_linears = {qualified(f.piece, n.target) for f in inside for n in f.nodes if n.op == "call_module"}
@@ -117,21 +110,32 @@ def claim_block(model: nn.Module, name: str, gm: fx.GraphModule, call: RecordedC
     kept = {p for p in pieces if within(p, name)} | ffn_linears
     opaque = {m for n, m in module.named_modules() if n and next(m.children(), None) is not None
               and not any(k == qualified(name, n) or within(k, qualified(name, n)) for k in kept)}
-    retraced = trace_piece(module, call, leaves | opaque, name)
-    if retraced is not None:
-        refound, _ = find_ffns(retraced, name, affine)
-        if [f.name for f in refound] == [f.name for f in found]:
-            gm, found = retraced, refound
-        else:
-            log.debug("moefx: pregate keeps block %s traced through its attention (FFNs differ when opaque)", name)
+    own = [f for f in pieces.get(name, (None, []))[1]]
+    gm = trace_piece(module, call, leaves | opaque, name)
+    found = None if gm is None else find_ffns(gm, name, affine)[0]
+    if gm is None or [f.name for f in found] != [f.name for f in own]:
+        log.debug("moefx: pregate traces block %s through its attention (FFNs differ when it is opaque)", name)
+        gm = pieces[name][0] if name in pieces else trace_piece(module, call, leaves, name)
+        found = own
+    if gm is None:
+        raise unrouted_error(model, held[0].name, [name])
     blocks[name] = Block(name, index, [f.name for f in held])
     gm.meta[BLOCK_INPUT] = index
     return gm, found
 
 
+def _retrace(model: nn.Module, name: str, call: RecordedCall, leaves: set, affine: dict, found: list):
+    gm = trace_piece(model.get_submodule(name), call, leaves, name)
+    refound = None if gm is None else find_ffns(gm, name, affine)[0]
+    if gm is None or [f.name for f in refound] != [f.name for f in found]:
+        raise ValueError(f"moefx.convert(pregate='block'): {name or '<model>'} holds a block and FFNs of its own, "
+                         "and does not trace with the block opaque. Convert without pregate")
+    return gm, refound
+
+
 def block_input(call: RecordedCall) -> Optional[tuple[int, int]]:
     """(placeholder position, width) of the first floating-point tensor input of a recorded call."""
-    spec = CallSpec.of(call.args, call.kwargs)
+    spec = CallSpec.of(call.args, call.kwargs, "")
     position = 0
     for i, leaf in enumerate(pytree.tree_leaves((call.args, call.kwargs))):
         if i in spec.constants:
@@ -157,7 +161,7 @@ def route_from_blocks(model: nn.Module, pieces: dict[str, fx.GraphModule], block
     entries: dict[str, fx.Node] = {}
     wired = 0
     for block in blocks.values():
-        source = _placeholders(pieces[block.name])[block.input_index]
+        source = input_nodes(pieces[block.name])[block.input_index]
         inner = [b for b in blocks if b != block.name and within(b, block.name)]
         for piece in sorted(p for p in pieces if p == block.name or within(p, block.name)):
             if any(piece == b or within(piece, b) for b in inner):
@@ -191,57 +195,11 @@ def _thread(model, pieces, owner: str, value: fx.Node, target: str, entries: dic
                          f"{child} ({type(model.get_submodule(child)).__name__}) between them does not trace. "
                          "Convert without pregate")
     if child not in entries:
-        entries[child] = _add_router_input(pieces[child], child)
+        entries[child] = add_graph_input(pieces[child])
     for node in calls:
         node.kwargs = {**node.kwargs, ROUTER_INPUT: value}
     gm.recompile()
     return _thread(model, pieces, child, entries[child], target, entries)
-
-
-def _add_router_input(gm: fx.GraphModule, piece: str) -> fx.Node:
-    """A last placeholder for the router input, taken from the ``moefx_router_input`` keyword: the
-    piece's argument-flattening pre-hook (``trace.trace_piece``) is wrapped to pass it through."""
-    with gm.graph.inserting_after(_placeholders(gm)[-1]):
-        node = gm.graph.placeholder(ROUTER_INPUT)
-    gm.recompile()
-    hooks = list(gm._forward_pre_hooks.items())
-    if len(hooks) != 1 or hooks[0][0] not in gm._forward_pre_hooks_with_kwargs:
-        raise RuntimeError(f"moefx pregate: expected {piece} to carry exactly one argument-flattening pre-hook, "
-                           f"found {len(hooks)}")
-    handle_id, flatten = hooks[0]
-    del gm._forward_pre_hooks[handle_id]
-    gm._forward_pre_hooks_with_kwargs.pop(handle_id, None)
-
-    def pre_hook(module, args, kwargs):
-        if ROUTER_INPUT not in kwargs:
-            raise TypeError(f"moefx: {piece} is pre-gated: its MoE layer routes from the input of the block that "
-                            f"holds it; call that block (or pass {ROUTER_INPUT}=<block input>)")
-        kwargs = dict(kwargs)
-        router_input = kwargs.pop(ROUTER_INPUT)
-        flat, _ = flatten(module, args, kwargs)
-        return (*flat, router_input), {}
-
-    def restore(clone: fx.GraphModule) -> None:
-        # GraphModule.__deepcopy__ drops forward hooks: the copy gets this one alone
-        clone._forward_pre_hooks.clear()
-        clone._forward_pre_hooks_with_kwargs.clear()
-        clone.register_forward_pre_hook(pre_hook, with_kwargs=True)
-
-    gm.register_forward_pre_hook(pre_hook, with_kwargs=True)
-    gm._register_deepcopy_hook(restore)
-    return node
-
-
-def _placeholders(gm: fx.GraphModule) -> list[fx.Node]:
-    return [n for n in gm.graph.nodes if n.op == "placeholder"]
-
-
-def capture_router_rows(layer: MoELayer, batches: Iterable[Any], run: Callable[[Any], Any], limit: int
-                        ) -> tuple[Tensor, Tensor]:
-    """(FFN-input rows, router-input rows) of a pre-gated ``layer`` over the calibration batches, at most
-    ``limit`` of each (fp32, row t of both the same token); padding rows of dict batches left out."""
-    x, router_input = capture_rows(layer, batches, run, limit, arguments=2)
-    return x, router_input
 
 
 @torch.no_grad()
@@ -257,22 +215,20 @@ def lookahead(model: nn.Module, batch: Any) -> dict[str, Tensor]:
         raise ValueError(f"moefx.lookahead: {type(model).__name__} has no pre-gated MoE layer; convert it with "
                          "moefx.convert(..., router='distilled', pregate='block')")
     decisions: dict[str, Tensor] = {}
-    handles = []
+    registrations = []
     for name, block in blocks.items():
         inner = [b for b in blocks if b != name and within(b, name)]
         layers = {qualified(name, n): m for n, m in block.named_modules() if isinstance(m, MoELayer)
                   and not any(within(qualified(name, n), b) for b in inner)}
 
-        def decide(module, args, layers=layers, index=block.meta[BLOCK_INPUT]):
+        def decide(module, args, kwargs, layers=layers, index=block.meta[BLOCK_INPUT]):
+            routed_from = getattr(module, CALL_SPEC).inputs(args, kwargs)[index]
             for layer_name, layer in layers.items():
-                gates, ids = layer.routing(args[index])
+                gates, ids = layer.routing(routed_from)
                 decisions.setdefault(layer_name, ids.masked_fill(gates == 0, -1) if layer.top_p < 1 else ids)
 
-        # registered after the block's argument-flattening hook, so ``args`` are its graph inputs
-        handles.append(block.register_forward_pre_hook(decide))
-    try:
+        registrations.append(lambda block=block, decide=decide: block.register_forward_pre_hook(decide,
+                                                                                                  with_kwargs=True))
+    with hooks(*registrations):
         call_model(model, batch)
-    finally:
-        for handle in handles:
-            handle.remove()
     return decisions

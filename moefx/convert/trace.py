@@ -20,6 +20,8 @@ import torch.fx as fx
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from moefx.runtime import hooks
+
 log = logging.getLogger(__name__)
 
 _CONSTANT_TYPES = (type(None), bool, int, float, str, torch.dtype, torch.device)
@@ -37,16 +39,14 @@ class RecordedCall:
 def record_calls(model: nn.Module, modules: dict[str, nn.Module], run: Callable[[], Any]) -> dict[str, RecordedCall]:
     """Run ``run()`` once and keep the first (args, kwargs, output) of each of ``modules``."""
     calls: dict[str, RecordedCall] = {}
-    handles = []
-    for name, module in modules.items():
-        def hook(mod, args, kwargs, output, name=name):
+
+    def register(name, module):
+        def hook(mod, args, kwargs, output):
             calls.setdefault(name, RecordedCall(args, kwargs, output))
-        handles.append(module.register_forward_hook(hook, with_kwargs=True))
-    try:
+        return lambda: module.register_forward_hook(hook, with_kwargs=True)
+
+    with hooks(*(register(name, module) for name, module in modules.items())):
         run()
-    finally:
-        for handle in handles:
-            handle.remove()
     return calls
 
 
@@ -137,18 +137,25 @@ class ConcreteTracer(fx.Tracer):
         return super().create_arg(a)
 
 
+ROUTER_INPUT = "moefx_router_input"  # keyword that hands a pre-gated piece its router input (``convert.pregate``)
+CALL_SPEC = "moefx_call"  # attribute of a traced piece holding its CallSpec
+
+
 @dataclass
 class CallSpec:
-    """How a traced piece is called: pytree of (args, kwargs) whose non-constant leaves are graph inputs."""
+    """How a traced piece is called: pytree of (args, kwargs) whose non-constant leaves are graph inputs.
+    ``router_input``: the piece also takes the ``moefx_router_input`` keyword, as its last graph input."""
 
     tree: Any
+    piece: str = ""
     constants: dict[int, Any] = field(default_factory=dict)
     num_inputs: int = 0
+    router_input: bool = False
 
     @classmethod
-    def of(cls, args: tuple, kwargs: dict) -> "CallSpec":
+    def of(cls, args: tuple, kwargs: dict, piece: str) -> "CallSpec":
         leaves, tree = pytree.tree_flatten((args, kwargs))
-        spec = cls(tree)
+        spec = cls(tree, piece)
         for i, leaf in enumerate(leaves):
             if isinstance(leaf, _CONSTANT_TYPES):
                 spec.constants[i] = leaf
@@ -156,7 +163,17 @@ class CallSpec:
                 spec.num_inputs += 1
         return spec
 
-    def inputs(self, args: tuple, kwargs: dict, piece: str) -> list:
+    def inputs(self, args: tuple, kwargs: dict) -> tuple:
+        """The graph inputs of a call with ``args`` and ``kwargs``."""
+        piece = self.piece or "<model>"
+        if self.router_input:
+            if ROUTER_INPUT not in kwargs:
+                raise TypeError(f"moefx: {piece} is pre-gated: its MoE layer routes from the input of the block that "
+                                f"holds it; call that block (or pass {ROUTER_INPUT}=<block input>)")
+            kwargs = dict(kwargs)
+            extra = (kwargs.pop(ROUTER_INPUT),)
+        else:
+            extra = ()
         leaves, tree = pytree.tree_flatten((args, kwargs))
         if tree != self.tree:
             raise TypeError(f"moefx: {piece} is called with arguments of another structure than on the calibration "
@@ -171,18 +188,21 @@ class CallSpec:
                                      "the way you will")
             else:
                 inputs.append(leaf)
-        return inputs
+        return (*inputs, *extra)
 
 
-def _flatten_call(spec: CallSpec, piece: str):
-    def pre_hook(module, args, kwargs):
-        return tuple(spec.inputs(args, kwargs, piece)), {}
-    return pre_hook
+def graph_inputs(spec: CallSpec, args: tuple, kwargs: dict) -> tuple:
+    """The first node of every traced piece: its call's (args, kwargs) to the graph's inputs."""
+    return spec.inputs(args, kwargs)
 
 
 def trace_piece(module: nn.Module, call: RecordedCall, leaves: set[nn.Module], piece: str) -> Optional[fx.GraphModule]:
-    """Trace ``module`` as it was called in ``call``; None if it does not trace or does not reproduce the output."""
-    spec = CallSpec.of(call.args, call.kwargs)
+    """Trace ``module`` as it was called in ``call``; None if it does not trace or does not reproduce the output.
+
+    The graph takes the module's own ``(*args, **kwargs)``; its first node unpacks them into the traced
+    inputs (``graph_inputs`` with the piece's ``CallSpec``, the attribute ``moefx_call``), so the piece is
+    a plain GraphModule that deep-copies and pickles with everything it needs."""
+    spec = CallSpec.of(call.args, call.kwargs, piece)
     leaves_values = pytree.tree_leaves((call.args, call.kwargs))
     names = [f"input_{i}" for i in range(spec.num_inputs)]
     values = [v for i, v in enumerate(leaves_values) if i not in spec.constants]
@@ -211,16 +231,43 @@ def trace_piece(module: nn.Module, call: RecordedCall, leaves: set[nn.Module], p
         if node.op in ("call_module", "get_attr"):
             owners[node.target.removeprefix("piece.")] = operator.attrgetter(node.target)(flat)
             node.target = node.target.removeprefix("piece.")
+    owners[CALL_SPEC] = spec
+    _take_call_arguments(graph)
     gm = fx.GraphModule(owners, graph, class_name=type(module).__name__)
     gm.graph.eliminate_dead_code()  # values read only to steer Python control flow while tracing
     gm.recompile()
-    flatten = _flatten_call(spec, piece)
-    gm.register_forward_pre_hook(flatten, with_kwargs=True)
-    # GraphModule.__deepcopy__ drops forward hooks: give the copy its argument flattening back
-    gm._register_deepcopy_hook(lambda clone: clone.register_forward_pre_hook(flatten, with_kwargs=True))
     if not reproduces(gm, call, piece):
         return None
     return gm
+
+
+def _take_call_arguments(graph: fx.Graph) -> None:
+    """Replace the flat input placeholders with ``*args, **kwargs`` and the ``graph_inputs`` node."""
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    with graph.inserting_before(next(iter(graph.nodes))):
+        args, kwargs = graph.placeholder("*args"), graph.placeholder("**kwargs")
+        inputs = graph.call_function(graph_inputs, (graph.get_attr(CALL_SPEC), args, kwargs))
+    for index, node in enumerate(placeholders):
+        with graph.inserting_before(node):
+            node.replace_all_uses_with(graph.call_function(operator.getitem, (inputs, index)))
+        graph.erase_node(node)
+
+
+def input_nodes(gm: fx.GraphModule) -> list[fx.Node]:
+    """The nodes of a traced piece that carry its graph inputs, in order."""
+    unpack = next(n for n in gm.graph.nodes if n.op == "call_function" and n.target is graph_inputs)
+    return sorted((u for u in unpack.users), key=lambda n: n.args[1])
+
+
+def add_graph_input(gm: fx.GraphModule) -> fx.Node:
+    """Make a traced piece take the ``moefx_router_input`` keyword as its last graph input; returns its node."""
+    spec: CallSpec = getattr(gm, CALL_SPEC)
+    spec.router_input = True
+    unpack = next(n for n in gm.graph.nodes if n.op == "call_function" and n.target is graph_inputs)
+    with gm.graph.inserting_after(unpack):
+        node = gm.graph.call_function(operator.getitem, (unpack, spec.num_inputs))
+    gm.recompile()
+    return node
 
 
 def _leaf_expr(i: int, spec: CallSpec, names: list[str]) -> str:

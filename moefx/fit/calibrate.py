@@ -11,7 +11,8 @@ from typing import Any, Callable, Iterable, Optional
 
 import torch
 from torch import Tensor, nn
-from torch.utils import _pytree as pytree
+
+from moefx.runtime import hooks, run_batch, token_mask
 
 
 @dataclass
@@ -54,93 +55,55 @@ def collect_hidden_stats(targets: dict[str, nn.Module], widths: dict[str, int], 
     """Run every calibration batch once; ``targets`` maps an FFN's name to its output Linear."""
     stats = {name: HiddenStats(widths[name], sample_limit) for name in targets}
     current = {"batch": -1}
-    handles = []
-    for name, module in targets.items():
-        def hook(mod, args, name=name):
+
+    def register(name, module):
+        def hook(mod, args):
             stats[name].add(args[0], f"{name} (calibration batch {current['batch']})")
-        handles.append(module.register_forward_pre_hook(hook))
-    try:
+        return lambda: module.register_forward_pre_hook(hook)
+
+    with hooks(*(register(name, module) for name, module in targets.items())):
         for index, batch in enumerate(batches):
             current["batch"] = index
             run_batch(run, batch, index)
             progress.update(1)
-    finally:
-        for handle in handles:
-            handle.remove()
     return stats
-
-
-def call_model(model: nn.Module, batch: Any) -> Any:
-    """A calibration batch is a dict of keyword arguments, a tuple/list of positional ones, or one input."""
-    if isinstance(batch, dict):
-        return model(**batch)
-    if isinstance(batch, (tuple, list)):
-        return model(*batch)
-    return model(batch)
-
-
-def output_tensor(output: Any) -> Tensor:
-    """The first floating-point tensor of a model output (transformers/diffusers outputs, tuples)."""
-    for leaf in pytree.tree_leaves(output if not hasattr(output, "to_tuple") else output.to_tuple()):
-        if isinstance(leaf, Tensor) and leaf.is_floating_point():
-            return leaf
-    raise ValueError("moefx: the model output holds no floating-point tensor")
-
-
-def run_batch(run: Callable[[Any], Any], batch: Any, index: int) -> Any:
-    """Call the model on one calibration batch, naming the batch if the model rejects it."""
-    try:
-        with torch.no_grad():
-            return run(batch)
-    except Exception as error:
-        raise ValueError(f"moefx: the model rejected calibration batch {index} ({type(error).__name__}: {error}); "
-                         "each batch must be a model input: a tensor, a tuple of positional arguments, or a dict "
-                         "of keyword arguments") from error
 
 
 class _Captured(Exception):
     """Raised by the capture hook to end a forward once the layer's input is recorded."""
 
 
-def capture_inputs(module: nn.Module, batches: Iterable[Any], run: Callable[[Any], Any], limit: int) -> Tensor:
-    """Rows of ``module``'s first input over the calibration batches, at most ``limit`` (fp32).
+def capture_rows(module: nn.Module, batches: Iterable[Any], run: Callable[[Any], Any], limit: int,
+                 arguments: int = 1) -> list[Tensor]:
+    """Rows of ``module``'s first ``arguments`` positional inputs over the calibration batches, at most
+    ``limit`` (fp32), row t of each the same token (a pre-gated MoE layer: its FFN input and router input).
 
     Each forward stops at ``module``. Rows that are padding (a dict batch whose ``attention_mask``
     has one entry per row) are left out, so fits see only real tokens."""
-    return capture_rows(module, batches, run, limit, arguments=1)[0]
-
-
-def capture_rows(module: nn.Module, batches: Iterable[Any], run: Callable[[Any], Any], limit: int,
-                 arguments: int) -> list[Tensor]:
-    """``capture_inputs`` for the first ``arguments`` positional inputs, row t of each the same token
-    (a pre-gated MoE layer's FFN input and router input)."""
     rows: list[list[Tensor]] = []
-    mask: dict[str, Optional[Tensor]] = {"current": None}
+    current: dict[str, Any] = {"batch": None}
 
     def hook(mod, args):
         if len(args) < arguments or any(a is None for a in args[:arguments]):
             raise ValueError(f"moefx: {type(mod).__name__} was called with fewer than {arguments} tensor inputs")
         tokens = args[0].reshape(-1, args[0].shape[-1]).shape[0]
         flats = [a.detach().reshape(tokens, -1).float() for a in args[:arguments]]
-        keep = mask["current"]
-        if keep is not None and keep.numel() == tokens:
-            flats = [f[keep.reshape(-1).to(torch.bool)] for f in flats]
+        keep = token_mask(current["batch"], flats[0].shape)
+        if keep is not None:
+            flats = [f[keep] for f in flats]
         rows.append(flats)
         raise _Captured
 
-    handle = module.register_forward_pre_hook(hook)
-    try:
+    with hooks(lambda: module.register_forward_pre_hook(hook)):
         for index, batch in enumerate(batches):
             if sum(len(r[0]) for r in rows) >= limit:
                 break
-            mask["current"] = batch.get("attention_mask") if isinstance(batch, dict) else None
+            current["batch"] = batch
             try:
                 run_batch(run, batch, index)
             except ValueError as error:
                 if not isinstance(error.__cause__, _Captured):
                     raise
-    finally:
-        handle.remove()
     if not rows:
         raise ValueError("moefx: the calibration batches never reach an MoE layer; check that they are model inputs")
     return [torch.cat(column)[:limit] for column in zip(*rows)]

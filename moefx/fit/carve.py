@@ -28,10 +28,10 @@ import torch
 from torch import Tensor
 
 from moefx.layer import MoELayer
+from moefx.op import MoEAttrs
 from moefx.fit.calibrate import HiddenStats
 from moefx.convert.find import FFN
 
-METHODS = ("upcycle", "split", "coactivation", "random")
 # router logit of a switched-off expert: below any real logit, so top_k never reaches it
 OFF_LOGIT = -1e4
 
@@ -73,31 +73,53 @@ def _assign_with_capacity(scores: Tensor, capacity: int) -> Tensor:
     return labels
 
 
-def partition(ffn: FFN, stats: Optional[HiddenStats], method: str, num_experts: int, num_shared: int,
-              seed: int, importance: Optional[Tensor] = None) -> tuple[Tensor, list[Tensor]]:
-    """(shared neuron indices, one index tensor per routed expert) for a carved conversion. The shared
-    experts take the neurons of highest ``importance`` [F] (default: activation rate, CMoE)."""
+def split_groups(ffn: FFN, neurons: Tensor, stats: Optional[HiddenStats], routed: int, seed: int) -> list[Tensor]:
+    """MoEfication's split: balanced spherical k-means on the neurons' normalised W_in (gate) rows."""
+    labels = balanced_kmeans(gate_rows(ffn)[neurons], routed, seed=seed)
+    return [neurons[labels == e] for e in range(routed)]
+
+
+def coactivation_groups(ffn: FFN, neurons: Tensor, stats: Optional[HiddenStats], routed: int, seed: int
+                        ) -> list[Tensor]:
+    """MoEfication's co-activation clustering: neurons that fire together on calibration data share an expert."""
+    features = stats.samples.T[neurons]
+    labels = balanced_kmeans(features - features.mean(1, keepdim=True), routed, seed=seed)
+    return [neurons[labels == e] for e in range(routed)]
+
+
+def random_groups(ffn: FFN, neurons: Tensor, stats: Optional[HiddenStats], routed: int, seed: int) -> list[Tensor]:
+    """MoEfication's baseline: neurons dealt into experts at random."""
+    order = neurons[torch.randperm(len(neurons), generator=torch.Generator().manual_seed(seed))]
+    return [group.sort().values for group in order.chunk(routed)]
+
+
+def contiguous_groups(ffn: FFN, neurons: Tensor, stats: Optional[HiddenStats], routed: int, seed: int
+                      ) -> list[Tensor]:
+    """Neurons in order, ``routed`` equal runs: the layer's structure alone (its values come from elsewhere)."""
+    return list(neurons.chunk(routed))
+
+
+# carving method -> how the routed neurons are grouped into experts
+CARVERS = {"split": split_groups, "coactivation": coactivation_groups, "random": random_groups}
+NEEDS_STATISTICS = ("coactivation",)
+
+
+def partition(ffn: FFN, stats: Optional[HiddenStats], group, num_experts: int, num_shared: int, seed: int,
+              importance: Optional[Tensor] = None) -> tuple[Tensor, list[Tensor]]:
+    """(shared neuron indices, one index tensor per routed expert) for a carved conversion, the routed ones
+    grouped by ``group`` (a ``CARVERS`` entry). The shared experts take the neurons of highest
+    ``importance`` [F] (default: activation rate, CMoE); without either, the first neurons."""
     width = ffn.width
     expert_width = width // num_experts
     neurons = torch.arange(width)
     shared = torch.empty(0, dtype=torch.long)
     if num_shared:
-        score = stats.activation_rate if importance is None else importance
+        score = importance if importance is not None else stats.activation_rate if stats is not None else -neurons
         shared = score.argsort(descending=True, stable=True)[: num_shared * expert_width].sort().values
         keep = torch.ones(width, dtype=torch.bool)
         keep[shared] = False
         neurons = neurons[keep]
-    routed = num_experts - num_shared
-    if method == "random":
-        order = neurons[torch.randperm(len(neurons), generator=torch.Generator().manual_seed(seed))]
-        return shared, [group.sort().values for group in order.chunk(routed)]
-    if method == "split":
-        features = gate_rows(ffn)[neurons]
-    else:
-        features = stats.samples.T[neurons]
-        features = features - features.mean(1, keepdim=True)
-    labels = balanced_kmeans(features, routed, seed=seed)
-    return shared, [neurons[labels == e] for e in range(routed)]
+    return shared, group(ffn, neurons, stats, num_experts - num_shared, seed)
 
 
 def gate_rows(ffn: FFN) -> Tensor:
@@ -110,17 +132,21 @@ def _in_rows(ffn: FFN, neurons: Tensor) -> Tensor:
     return torch.stack([2 * neurons, 2 * neurons + 1], 1).flatten() if ffn.gated else neurons
 
 
-def carved_layer(ffn: FFN, shared: Tensor, groups: list[Tensor], top_k: int,
-                 extra: Optional[dict] = None) -> MoELayer:
+def carved_layer(ffn: FFN, shared: Tensor, groups: list[Tensor], top_k: int, extra: Optional[dict] = None,
+                 fitted_router: bool = False, corrected: bool = False) -> MoELayer:
     """An MoELayer whose routed experts hold ``groups`` of neurons and whose shared expert holds ``shared``;
-    ``extra``: MoELayer's num_zero, num_copy, num_const (zero-computation experts, switched off)."""
+    ``extra``: MoELayer's num_zero, num_copy, num_const (zero-computation experts, switched off). A layer
+    whose router will be fitted gets a router bias, one that will be compensated or refit expert output
+    biases and a layer bias (all zero until then)."""
     w_in, w_out = ffn.w_in, ffn.w_out
     extra = extra or {}
-    layer = MoELayer(ffn.hidden, len(groups[0]), len(groups), top_k, ffn.activation, ffn.gated,
-                     expert_in_bias=ffn.b_in is not None, shared_width=len(shared),
-                     shared_in_bias=ffn.b_in is not None, out_bias=ffn.b_out is not None,
-                     router_bias=ffn.b_in is not None or any(extra.values()), scoring="unit", **extra,
-                     dtype=w_in.dtype, device="meta")
+    attrs = MoEAttrs(top_k, ffn.activation, ffn.gated, scoring="unit", num_zero=extra.get("num_zero", 0),
+                     num_copy=extra.get("num_copy", 0))
+    layer = MoELayer(ffn.hidden, len(groups[0]), len(groups), attrs, expert_in_bias=ffn.b_in is not None,
+                     expert_out_bias=corrected, shared_width=len(shared), shared_in_bias=ffn.b_in is not None,
+                     out_bias=ffn.b_out is not None or corrected,
+                     router_bias=ffn.b_in is not None or any(extra.values()) or fitted_router,
+                     num_const=extra.get("num_const", 0), dtype=w_in.dtype, device="meta")
     layer = layer.to_empty(device=w_in.device)  # every parameter is copied below: skip the random init
     with torch.no_grad():
         rows = torch.stack([_in_rows(ffn, g) for g in groups])
@@ -133,16 +159,17 @@ def carved_layer(ffn: FFN, shared: Tensor, groups: list[Tensor], top_k: int,
             layer.router.bias.zero_()
         if ffn.b_in is not None:
             layer.b_in.copy_(ffn.b_in[rows])
-            gate_bias = ffn.b_in[0::2] if ffn.gated else ffn.b_in
-            layer.router.bias[:E].copy_(torch.stack([gate_bias[g].float().mean() for g in groups]))
+            layer.router.bias[:E].copy_(torch.stack([ffn.gate_bias[g].float().mean() for g in groups]))
         switch_off(layer)
         if len(shared):
             layer.shared_in.weight.copy_(w_in[_in_rows(ffn, shared)])
             layer.shared_out.weight.copy_(w_out[:, shared])
             if ffn.b_in is not None:
                 layer.shared_in.bias.copy_(ffn.b_in[_in_rows(ffn, shared)])
-        if ffn.b_out is not None:
-            layer.bias.copy_(ffn.b_out)
+        if layer.b_out is not None:
+            layer.b_out.zero_()
+        if layer.bias is not None:
+            layer.bias.copy_(ffn.b_out if ffn.b_out is not None else torch.zeros_like(layer.bias))
     return layer
 
 
@@ -156,10 +183,11 @@ def upcycled_layer(ffn: FFN, num_experts: int, top_k: int, seed: int, granularit
     is a convex mix of identical FFNs: the dense FFN. The output bias is split as b / G per shard."""
     G, extra = granularity, extra or {}
     width = ffn.width // G
-    layer = MoELayer(ffn.hidden, width, num_experts * G, top_k * G, ffn.activation, ffn.gated,
-                     expert_in_bias=ffn.b_in is not None, expert_out_bias=ffn.b_out is not None,
-                     router_bias=G > 1 or any(extra.values()), scoring="softmax", renormalize=True,
-                     gate_scale=float(G), **extra, dtype=ffn.w_in.dtype, device="meta")
+    attrs = MoEAttrs(top_k * G, ffn.activation, ffn.gated, scoring="softmax", renormalize=True,
+                     gate_scale=float(G), num_zero=extra.get("num_zero", 0), num_copy=extra.get("num_copy", 0))
+    layer = MoELayer(ffn.hidden, width, num_experts * G, attrs, expert_in_bias=ffn.b_in is not None,
+                     expert_out_bias=ffn.b_out is not None, router_bias=G > 1 or any(extra.values()),
+                     num_const=extra.get("num_const", 0), dtype=ffn.w_in.dtype, device="meta")
     layer = layer.to_empty(device=ffn.w_in.device)
     generator = torch.Generator().manual_seed(seed)
     shards = torch.arange(ffn.width).view(G, width)

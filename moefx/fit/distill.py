@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from moefx.layer import MoELayer
-from moefx.runtime import call_model, output_tensor
+from moefx.runtime import call_model, hooks, output_tensor, token_mask
 
 
 @dataclass
@@ -41,14 +41,6 @@ def teacher_outputs(run: Callable[[Any], Any], batches: list) -> list[Tensor]:
     """The dense model's output tensor on every calibration batch (the distillation targets)."""
     with torch.no_grad():
         return [output_tensor(run(batch)).detach().float() for batch in batches]
-
-
-def token_mask(batch: Any, output: Tensor) -> Optional[Tensor]:
-    """Real-token mask [B, S] of a dict batch with ``attention_mask`` when the output is per token."""
-    mask = batch.get("attention_mask") if isinstance(batch, dict) else None
-    if mask is None or output.dim() < 2 or tuple(output.shape[:2]) != tuple(mask.shape):
-        return None
-    return mask.bool()
 
 
 def output_error(student: Tensor, teacher: Tensor, mask: Optional[Tensor]) -> Tensor:
@@ -98,7 +90,8 @@ def train_moe_layers(model: nn.Module, run: Callable[[Any], Any], batches: list,
     frozen = {p: p.requires_grad for p in model.parameters()}
     was_training = model.training
     inputs: dict[MoELayer, Tensor] = {}
-    hooks = [layer.register_forward_pre_hook(lambda mod, args: inputs.__setitem__(mod, args[0])) for layer in layers]
+    keep_input = [lambda layer=layer: layer.register_forward_pre_hook(lambda mod, args: inputs.__setitem__(mod, args[0]))
+                  for layer in layers]
     start = time.perf_counter()
     try:
         for p in model.parameters():
@@ -112,11 +105,12 @@ def train_moe_layers(model: nn.Module, run: Callable[[Any], Any], batches: list,
         optimiser = torch.optim.Adam(trained, lr=lr)
         order = torch.Generator().manual_seed(seed)
         losses = []
-        with torch.enable_grad(), tqdm(total=steps, desc="moefx distill", disable=not progress) as bar:
+        bar = tqdm(total=steps, desc="moefx distill", disable=not progress)
+        with hooks(*keep_input), torch.enable_grad(), bar:
             for step in range(steps):
                 i = int(torch.randint(len(batches), (1,), generator=order))
                 out = output_tensor(run(batches[i]))
-                loss = output_error(out, targets[i], token_mask(batches[i], out))
+                loss = output_error(out, targets[i], token_mask(batches[i], out.shape))
                 if balance:
                     imbalance = sum(balance_loss(layer, inputs[layer]) - 1 for layer in layers) / len(layers)
                     loss = loss + balance * imbalance
@@ -129,8 +123,6 @@ def train_moe_layers(model: nn.Module, run: Callable[[Any], Any], batches: list,
             layer.eval()
         after = _mean_error(run, batches, targets)
     finally:
-        for hook in hooks:
-            hook.remove()
         for p, flag in frozen.items():
             p.requires_grad_(flag)
         model.train(was_training)
@@ -142,5 +134,5 @@ def _mean_error(run, batches, targets) -> float:
         errors = []
         for batch, target in zip(batches, targets):
             out = output_tensor(run(batch))
-            errors.append(output_error(out, target, token_mask(batch, out)).item())
+            errors.append(output_error(out, target, token_mask(batch, out.shape)).item())
     return sum(errors) / len(errors)

@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
-from moefx.runtime import output_tensor
+from moefx.runtime import hooks, output_tensor, token_mask
 
 
 def taylor_importance(targets: dict[str, nn.Module], batches: list, run: Callable[[Any], Any],
@@ -29,9 +29,8 @@ def taylor_importance(targets: dict[str, nn.Module], batches: list, run: Callabl
             return (h, *args[1:])
         return hook
 
-    handles = [module.register_forward_pre_hook(capture(name)) for name, module in targets.items()]
     generator = torch.Generator().manual_seed(seed)
-    try:
+    with hooks(*(lambda m=module, n=name: m.register_forward_pre_hook(capture(n)) for n, module in targets.items())):
         with torch.enable_grad():
             for index, batch in enumerate(batches):
                 hidden.clear()
@@ -43,9 +42,6 @@ def taylor_importance(targets: dict[str, nn.Module], batches: list, run: Callabl
                         continue
                     score = (grad * hidden[name]).detach().abs().reshape(-1, grad.shape[-1]).sum(0).double()
                     totals[name] = score if name not in totals else totals[name] + score
-    finally:
-        for handle in handles:
-            handle.remove()
     missing = [name for name in targets if name not in totals]
     if missing:
         raise ValueError(f"moefx: importance='taylor' found no gradient path from the model output to {missing[0]}; "
@@ -59,7 +55,7 @@ def _loss(output: Any, batch: Any, generator: torch.Generator) -> Tensor:
         return loss
     y = output_tensor(output)
     probe = torch.randn(y.shape, generator=generator).to(y)
-    mask = batch.get("attention_mask") if isinstance(batch, dict) else None
-    if mask is not None and y.dim() >= 2 and tuple(y.shape[:2]) == tuple(mask.shape):
-        probe = probe * mask.reshape(*mask.shape, *(1,) * (y.dim() - 2)).to(y)  # padding rows feed no one
+    mask = token_mask(batch, y.shape)
+    if mask is not None:  # padding rows feed no one
+        probe = probe * mask.reshape(*mask.shape, *(1,) * (y.dim() - mask.dim())).to(y)
     return (probe * y).sum()

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from moefx.layer import MoELayer
-from moefx.op import ACTIVATIONS
+from moefx.op import activate
 
 
 @torch.no_grad()
@@ -30,7 +30,7 @@ def dense_output(layer: MoELayer, x: Tensor, chunk: int = 4096) -> Tensor:
         rows = x[start:start + chunk].float()
         y = expert_outputs(layer, rows).sum(1)
         if layer.shared_in is not None:
-            y = y + layer.shared_out(layer._act(layer.shared_in(rows.to(layer.shared_in.weight.dtype)))).float()
+            y = y + layer.shared_out(layer.shared_hidden(rows)).float()
         outs.append(y if layer.bias is None else y + layer.bias.float())
     return torch.cat(outs)
 
@@ -40,8 +40,7 @@ def expert_hidden(layer: MoELayer, x: Tensor) -> Tensor:
     a = torch.einsum("th,efh->tef", x, layer.w_in.float())
     if layer.b_in is not None:
         a = a + layer.b_in.float()
-    act = ACTIVATIONS[layer.activation]
-    return act(a[..., 0::2]) * a[..., 1::2] if layer.gated else act(a)
+    return activate(a, layer.activation, layer.gated)
 
 
 def expert_outputs(layer: MoELayer, x: Tensor) -> Tensor:
@@ -120,5 +119,5 @@ def _features(layer: MoELayer, x: Tensor) -> Tensor:
     routed = (expert_hidden(layer, x) * gates[..., None]).reshape(x.shape[0], -1)
     parts = [routed, gates, torch.ones(x.shape[0], 1)]
     if layer.shared_in is not None:
-        parts.insert(0, layer._act(layer.shared_in(x.to(layer.shared_in.weight.dtype)).float()))
+        parts.insert(0, layer.shared_hidden(x).float())
     return torch.cat(parts, 1)

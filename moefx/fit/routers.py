@@ -30,8 +30,6 @@ from moefx.fit.carve import gate_rows
 from moefx.convert.find import FFN
 from moefx.fit.refit import dense_output, expert_outputs
 
-ROUTERS = ("centroid", "representative", "least_squares", "distilled")
-FITTED_ROUTERS = ("least_squares", "distilled")  # fitted to the oracle's choice on calibration tokens
 log = logging.getLogger("moefx")
 
 
@@ -40,7 +38,7 @@ def representative_router(layer: MoELayer, ffn: FFN, groups: list[Tensor], sampl
     """CMoE: route by the pre-activation of each expert's neuron nearest its activation centroid.
     ``samples`` [tokens, F] are hidden activations of the dense FFN on calibration data."""
     rows = gate_rows(ffn)
-    bias = None if ffn.b_in is None else (ffn.b_in[0::2] if ffn.gated else ffn.b_in)
+    bias = ffn.gate_bias
     chosen = []
     for group in groups:
         pattern = samples[:, group].T.float()
@@ -237,3 +235,9 @@ def _router_step(optimiser, z: Tensor, picked: Tensor, w: Tensor, b: Tensor) -> 
     loss.backward()
     optimiser.step()
 
+
+
+# routers fitted to the oracle's choice on a layer's calibration rows: fit(layer, x, seed=, router_input=) -> recall
+FITTED_ROUTERS = {"least_squares": least_squares_router, "distilled": distill_router}
+# "centroid" is set when carving (carve.carved_layer), "representative" from calibration statistics
+ROUTERS = ("centroid", "representative", *FITTED_ROUTERS)

@@ -15,6 +15,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from moefx.onnx.probe import probe_contrib
+from moefx.op import unflatten, with_op_signature
 from moefx.onnx.translate import (APPROXIMATIONS, MoEConfig, config_of, contrib_blocker, contrib_moe,
                                   standard_moe)
 
@@ -68,19 +69,15 @@ class MoETranslator:
         self.layers: list[LayerExport] = []
         self.error: Optional[UnsupportedLayerError] = None
 
-    def translate(self, x, router_input, w_router, b_router, w_in, b_in, w_out, b_out, const_experts, top_k,
-                 activation, gated, scoring, renormalize, top_p, min_k, gate_scale, num_zero, num_copy):
-        cfg = config_of(x, w_router, b_in, b_out, w_in, const_experts, top_k, activation, gated, scoring,
-                        renormalize, top_p, gate_scale, num_zero, num_copy)
+    def translate(self, *op_args):
+        inputs, attrs = unflatten(op_args)
+        cfg = config_of(inputs, attrs)
         target, reason = self._choose(cfg)
         approximated = target == "onnxruntime" and self.approximate and cfg.activation in APPROXIMATIONS
         self.layers.append(LayerExport(len(self.layers), cfg, target, reason, approximated))
         if target == "onnxruntime":
-            return contrib_moe(x, router_input, w_router, b_router, w_in, b_in, w_out, b_out, cfg,
-                               self.approximate)
-        return standard_moe(x, router_input, w_router, b_router, w_in, b_in, w_out, b_out, const_experts,
-                            top_k, activation, gated, scoring, renormalize, top_p, min_k, gate_scale,
-                            num_zero, num_copy)
+            return contrib_moe(inputs, cfg, self.approximate)
+        return standard_moe(inputs, attrs)
 
     def _choose(self, cfg: MoEConfig) -> tuple[str, str]:
         if self.target == "standard":
@@ -129,7 +126,8 @@ def export_onnx(
     exported = with_moe_blocks_rewritten(model, args, kwargs, shapes)
     translator = MoETranslator(target, approximate)
 
-    def moefx_moe(*op_args):  # torch.onnx wants a plain function to tag with its signature
+    @with_op_signature()
+    def moefx_moe(*op_args) -> torch.Tensor:  # torch.onnx reads the translation's signature
         return translator.translate(*op_args)
 
     try:

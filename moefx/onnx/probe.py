@@ -14,7 +14,7 @@ import onnx
 import torch
 from onnx import helper
 
-from moefx.op import moe_reference
+from moefx.op import MoEAttrs, MoEInputs, moe_reference
 from moefx.onnx.translate import APPROXIMATIONS, MoEConfig, contrib_attributes
 
 # relative error ||out - ref|| / ||ref|| the contrib op must reach to be used
@@ -53,9 +53,9 @@ def _probe(attributes: tuple, gated: bool, has_b_in: bool, has_b_out: bool, dtyp
                "b_out": rand(num_experts, hidden) if has_b_out else None}
     tensors = {k: None if v is None else v.to(TORCH_DTYPES[dtype]) for k, v in tensors.items()}
     t = tensors
-    reference = moe_reference(t["x"], t["x"], t["w_router"], None, t["w_in"], t["b_in"], t["w_out"], t["b_out"],
-                              None, top_k, activation, gated, "softmax", bool(attrs["normalize_routing_weights"]),
-                              1.0, 1, 1.0, 0, 0).float()
+    inputs = MoEInputs(t["x"], t["x"], t["w_router"], None, t["w_in"], t["b_in"], t["w_out"], t["b_out"], None)
+    reference = moe_reference(inputs, MoEAttrs(top_k, activation, gated, "softmax",
+                                               bool(attrs["normalize_routing_weights"]))).float()
     model = _one_layer_model(t, attrs, dtype)
     options = ort.SessionOptions()
     options.log_severity_level = 4  # a failing probe is an answer, not an error to print

@@ -27,33 +27,28 @@ from onnxscript import ir
 from onnxscript import opset18 as op
 from onnxscript.values import Op, Opset
 
+from moefx.op import MoEAttrs, MoEInputs
+
 
 @dataclasses.dataclass(frozen=True)
 class MoEConfig:
-    """The static configuration of one moefx::moe call, as the translation sees it."""
+    """One moefx::moe call as the translation sees it: the op's attributes plus what its tensors fix."""
 
+    attrs: MoEAttrs
     num_experts: int
-    top_k: int
-    activation: str
-    gated: bool
-    scoring: str
-    renormalize: bool
-    top_p: float
-    gate_scale: float
-    num_zero: int
-    num_copy: int
     num_const: int
     dtype: str
     has_b_in: bool
     has_b_out: bool
 
+    def __getattr__(self, name: str):
+        if name == "attrs":  # not set yet (copy, unpickling): no attribute to delegate to
+            raise AttributeError(name)
+        return getattr(self.attrs, name)
+
     def describe(self) -> str:
-        extras = [f"{self.scoring} scoring"] + ["renormalized"] * self.renormalize
-        extras += [f"dynamic-k top_p={self.top_p}"] * (self.top_p < 1.0)
-        extras += [f"gate_scale={self.gate_scale}"] * (self.gate_scale != 1.0)
-        zero_computation = self.num_zero + self.num_copy + self.num_const
-        extras += [f"{zero_computation} zero-computation experts"] * bool(zero_computation)
-        return f"{self.num_experts} experts top-{self.top_k} {'gated ' * self.gated}{self.activation}, {', '.join(extras)}"
+        const = f", {self.num_const} constant experts" if self.num_const else ""
+        return f"{self.num_experts} experts {self.attrs.describe()}{const}"
 
 
 # activation -> com.microsoft.MoE activation_type, by gated; tanh-GELU because that is what
@@ -124,14 +119,11 @@ def _contrib_schema() -> OpSchema:
 CONTRIB_MOE = Op(Opset("com.microsoft", 1), "MoE", _contrib_schema())
 
 
-def config_of(x, w_router, b_in, b_out, w_in, const_experts, top_k, activation, gated, scoring, renormalize,
-              top_p, gate_scale, num_zero, num_copy) -> MoEConfig:
+def config_of(inputs: MoEInputs, attrs: MoEAttrs) -> MoEConfig:
     """Read the static configuration from the traced op's arguments."""
-    return MoEConfig(
-        num_experts=_static_dim(w_in, 0), top_k=top_k, activation=activation, gated=gated, scoring=scoring,
-        renormalize=renormalize, top_p=top_p, gate_scale=gate_scale, num_zero=num_zero, num_copy=num_copy,
-        num_const=0 if const_experts is None else _static_dim(const_experts, 0), dtype=x.dtype.name,
-        has_b_in=b_in is not None, has_b_out=b_out is not None)
+    return MoEConfig(attrs, num_experts=_static_dim(inputs.w_in, 0),
+                     num_const=0 if inputs.const_experts is None else _static_dim(inputs.const_experts, 0),
+                     dtype=inputs.x.dtype.name, has_b_in=inputs.b_in is not None, has_b_out=inputs.b_out is not None)
 
 
 def _static_dim(value, axis: int) -> int:
@@ -147,9 +139,9 @@ def router_logits(router_input, w_router, b_router):
     return logits if b_router is None else op.Add(logits, b_router)
 
 
-def contrib_moe(x, router_input, w_router, b_router, w_in, b_in, w_out, b_out, cfg: MoEConfig,
-                approximate: bool):
+def contrib_moe(inputs: MoEInputs, cfg: MoEConfig, approximate: bool):
     """One com.microsoft.MoE node; gate_scale (a scalar on every gate) becomes a Mul on its output."""
+    x, router_input, w_router, b_router, w_in, b_in, w_out, b_out, _ = inputs
     logits = router_logits(router_input, w_router, b_router)
     y = CONTRIB_MOE(x, logits, w_in, b_in, w_out, b_out, **contrib_attributes(cfg, approximate))
     return y if cfg.gate_scale == 1.0 else op.Mul(y, cfg.gate_scale)
@@ -170,8 +162,10 @@ def _columns(t, start: int, stop: int):
     return op.Slice(t, [start], [stop], [1])
 
 
-def combine_matrix(router_input, w_router, b_router, top_k, scoring, renormalize, top_p, min_k, gate_scale):
+def combine_matrix(router_input, w_router, b_router, attrs: MoEAttrs):
     """The dense [T, E+Z] gate matrix: g_e on each token's kept choices, 0 elsewhere (``moefx.op.route``)."""
+    top_k, scoring, renormalize, top_p, min_k, gate_scale = (attrs.top_k, attrs.scoring, attrs.renormalize,
+                                                             attrs.top_p, attrs.min_k, attrs.gate_scale)
     logits = router_logits(router_input, w_router, b_router)
     if scoring == "softmax":
         scores = op.Softmax(logits, axis=-1)
@@ -196,9 +190,10 @@ def combine_matrix(router_input, w_router, b_router, top_k, scoring, renormalize
     return op.ScatterElements(zeros, ids, gates, axis=1)
 
 
-def standard_moe(x, router_input, w_router, b_router, w_in, b_in, w_out, b_out, const_experts, top_k,
-                 activation, gated, scoring, renormalize, top_p, min_k, gate_scale, num_zero, num_copy):
+def standard_moe(inputs: MoEInputs, attrs: MoEAttrs):
     """All experts as two GEMMs over the stacked weights, combined by the dense gate matrix."""
+    x, router_input, w_router, b_router, w_in, b_in, w_out, b_out, const_experts = inputs
+    activation, gated, num_zero, num_copy = attrs.activation, attrs.gated, attrs.num_zero, attrs.num_copy
     num_experts, in_rows, hidden = (_static_dim(w_in, axis) for axis in range(3))
     width = in_rows // 2 if gated else in_rows
     out_dtype = x.dtype
@@ -207,8 +202,7 @@ def standard_moe(x, router_input, w_router, b_router, w_in, b_in, w_out, b_out, 
         x, router_input, w_router, b_router, w_in, b_in, w_out, b_out, const_experts = (
             None if t is None else op.Cast(t, to=ir.DataType.FLOAT)
             for t in (x, router_input, w_router, b_router, w_in, b_in, w_out, b_out, const_experts))
-    combine = combine_matrix(router_input, w_router, b_router, top_k, scoring, renormalize, top_p, min_k,
-                             gate_scale)
+    combine = combine_matrix(router_input, w_router, b_router, attrs)
     routed = _columns(combine, 0, num_experts)
 
     w_in_stacked = op.Reshape(op.Transpose(w_in, perm=[2, 0, 1]), [hidden, num_experts * in_rows])

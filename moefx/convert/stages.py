@@ -1,0 +1,309 @@
+"""``moefx.convert`` as an ordered list of stages over one ``Conversion`` state.
+
+Each stage is a small function ``(conversion) -> None`` that reads the recipe, and ``STAGES``
+lists them in order with the recipes they apply to. A stage marked ``fits`` only sets values
+(statistics, routers, refit, distillation): ``load_pretrained`` skips those stages to rebuild a
+saved model's structure, then loads its values. Adding a router or a stage is one file plus one
+entry here.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch.fx as fx
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from moefx.convert import pregate
+from moefx.convert.find import FFN, affine_map, find_ffns
+from moefx.convert.rewrite import replace_ffn
+from moefx.convert.trace import qualified, record_calls, trace_piece, within
+from moefx.fit.calibrate import HiddenStats, capture_rows, collect_hidden_stats
+from moefx.fit.carve import CARVERS, NEEDS_STATISTICS, carved_layer, contiguous_groups, partition, upcycled_layer
+from moefx.fit.distill import teacher_outputs, train_moe_layers
+from moefx.fit.importance import taylor_importance
+from moefx.fit.refit import compensate, dense_output, refit
+from moefx.fit.routers import FITTED_ROUTERS, representative_router
+from moefx.layer import MoELayer
+from moefx.recipe import Recipe
+from moefx.runtime import call_model, run_batch
+
+log = logging.getLogger("moefx")
+
+
+@dataclass
+class LayerOrigin:
+    """Where an MoE layer sits and which dense modules it replaced (``moefx.evaluate`` compares them)."""
+
+    moe: str                   # qualified name of the MoELayer in the converted model
+    dense_inputs: list[str]    # the dense FFN's input Linear(s) (gate and up when gated)
+    dense_output: str          # the dense FFN's output Linear
+
+
+@dataclass
+class ConversionReport:
+    """What ``convert`` did: the FFNs it rewrote and, by name, what it could not convert and why."""
+
+    converted: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    layers: list[LayerOrigin] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [f"converted {len(self.converted)} FFN(s)"] + [f"  {n}" for n in self.converted]
+        if self.skipped:
+            lines += [f"not converted ({len(self.skipped)}):"] + [f"  {s}" for s in self.skipped]
+        return "\n".join(lines)
+
+
+@dataclass
+class Conversion:
+    """The state the stages pass along."""
+
+    model: nn.Module
+    batches: list
+    recipe: Recipe
+    progress: bool = True
+    rebuild: bool = False                 # structure only: stages that fit values are skipped
+    report: ConversionReport = field(default_factory=ConversionReport)
+    affine: dict[str, Optional[tuple]] = field(default_factory=dict)    # linear leaves -> (W, b)
+    calls: dict = field(default_factory=dict)         # module name -> RecordedCall on the first batch
+    pieces: dict[str, tuple[fx.GraphModule, list[FFN]]] = field(default_factory=dict)  # traced pieces with FFNs
+    leaves: set = field(default_factory=set)          # modules enclosing pieces treat as opaque
+    untraced: dict[str, list[str]] = field(default_factory=dict)  # modules that do not trace -> linears inside
+    blocks: dict[str, pregate.Block] = field(default_factory=dict)
+    stats: dict[str, HiddenStats] = field(default_factory=dict)
+    importance: dict[str, Tensor] = field(default_factory=dict)
+    layers: list[tuple[FFN, MoELayer]] = field(default_factory=list)
+    teacher: Optional[list[Tensor]] = None
+
+    @property
+    def ffns(self) -> list[FFN]:
+        return [ffn for _, found in self.pieces.values() for ffn in found]
+
+    def run(self, batch: Any) -> Any:
+        return call_model(self.model, batch)
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    run: Callable[[Conversion], None]
+    applies: Callable[[Recipe], bool] = lambda recipe: True
+    fits: bool = False
+
+
+def record_teacher(c: Conversion) -> None:
+    """The dense model's outputs on the calibration batches, before anything changes (distillation targets)."""
+    c.teacher = teacher_outputs(c.run, c.batches)
+
+
+def trace_and_find(c: Conversion) -> None:
+    """Trace modules bottom-up (``trace.trace_piece``) and find the FFNs in each graph (``find.find_ffns``);
+    a module whose graph holds FFNs becomes a piece, opaque to the modules around it."""
+    c.affine = {name: w for name, module in c.model.named_modules() if (w := affine_map(module)) is not None}
+    candidates = {name: m for name, m in c.model.named_modules()
+                  if next(m.children(), None) is not None and type(m).forward is not nn.Module.forward}
+    c.calls = record_calls(c.model, candidates, lambda: run_batch(c.run, c.batches[0], 0))
+    seen: set[str] = set()
+    for name in sorted(c.calls, key=_innermost_first):
+        module = candidates[name]
+        inside = [a for a in c.affine if within(a, name)]
+        opaque = [n for n, m in candidates.items() if m in c.leaves and within(n, name)]
+        if len([a for a in inside if not any(within(a, o) for o in opaque)]) < 2:
+            continue  # every linear layer left is inside an FFN piece or an opaque module
+        gm = trace_piece(module, c.calls[name], c.leaves, name)
+        if gm is None:
+            c.leaves.add(module)
+            c.untraced[name] = inside
+            continue
+        seen.update(qualified(name, n.target) for n in gm.graph.nodes if n.op == "call_module")
+        ffns, rejected = find_ffns(gm, name, c.affine)
+        c.report.skipped += [r for r in rejected if r not in c.report.skipped]
+        if ffns:
+            c.pieces[name] = (gm, ffns)
+            c.leaves.add(module)
+    for name, inside in c.untraced.items():
+        hidden = [a for a in inside if a not in seen]
+        if len(hidden) >= 2:
+            c.report.skipped.append(f"{name or '<model>'} ({type(c.model.get_submodule(name)).__name__}): does not "
+                                    f"trace, so its {len(hidden)} linear layers were not inspected")
+
+
+def claim_blocks(c: Conversion) -> None:
+    """Read-ME pre-gating: the transformer block of every FFN becomes a piece whose input routes it."""
+    c.blocks = pregate.claim_blocks(c.model, c.calls, c.pieces, c.affine, c.leaves, c.untraced)
+
+
+def check_found(c: Conversion) -> None:
+    """At least one FFN, and every FFN's width splits as the recipe asks."""
+    c.calls = {}  # the recorded activations of every module: no stage after this one reads them
+    ffns = c.ffns
+    if not ffns:
+        affine = list(c.affine)
+        raise ValueError(f"moefx.convert: found no dense FFN (Linear -> activation -> Linear, or a gated form) in "
+                         f"{type(c.model).__name__}; saw {len(affine)} linear layer(s)"
+                         + (f" ({', '.join(affine[:6])}{', ...' if len(affine) > 6 else ''})" if affine else "")
+                         + ". " + ("; ".join(c.report.skipped) + ". " if c.report.skipped else "")
+                         + "moefx converts FFNs whose activation is one of relu, gelu, gelu_tanh, silu")
+    r = c.recipe
+    for ffn in ffns:
+        if r.upcycle and ffn.width % r.granularity:
+            raise ValueError(f"moefx.convert: {ffn.name} has {ffn.width} neurons, which do not split into "
+                             f"granularity={r.granularity} equal shards")
+        if not r.upcycle and ffn.width % r.num_experts:
+            divisors = [d for d in range(2, min(ffn.width, 129)) if ffn.width % d == 0]
+            raise ValueError(f"moefx.convert: {ffn.name} has {ffn.width} neurons, which do not split into "
+                             f"num_experts={r.num_experts} equal experts; pick num_experts from {divisors}")
+
+
+def collect_statistics(c: Conversion) -> None:
+    """Activation rates and a token sample of every FFN's hidden activation (CMoE, MoEfication)."""
+    ffns = c.ffns
+    with tqdm(total=len(c.batches), desc="moefx calibration", disable=not c.progress) as bar:
+        c.stats = collect_hidden_stats({f.name: f.out_module for f in ffns}, {f.name: f.width for f in ffns},
+                                       c.batches, c.run, c.recipe.sample_tokens, bar)
+
+
+def taylor(c: Conversion) -> None:
+    """First-order Taylor importance of every FFN neuron (Dense2MoE, LLaMA-MoE)."""
+    c.importance = taylor_importance({f.name: f.out_module for f in c.ffns}, c.batches, c.run, c.recipe.seed)
+
+
+def build_layers(c: Conversion) -> None:
+    """An MoELayer per FFN: carved from its neurons (``fit.carve.CARVERS``) or upcycled from copies."""
+    r = c.recipe
+    extra = dict(num_zero=r.num_zero, num_copy=r.num_copy, num_const=r.num_const)
+    for index, ffn in enumerate(c.ffns):
+        if r.upcycle:
+            layer = upcycled_layer(ffn, r.num_experts, r.top_k, r.seed + index, r.granularity,
+                                   0.0 if c.rebuild else r.drop_rate, extra)
+        else:
+            group = contiguous_groups if c.rebuild else CARVERS[r.method]
+            shared, groups = partition(ffn, c.stats.get(ffn.name), group, r.num_experts, r.num_shared, r.seed,
+                                       c.importance.get(ffn.name))
+            layer = carved_layer(ffn, shared, groups, r.top_k, extra, fitted_router=r.fitted_router,
+                                 corrected=r.compensate or r.refit)
+            if r.router == "representative" and not c.rebuild:
+                representative_router(layer, ffn, groups, c.stats[ffn.name].samples)
+        layer.top_p, layer.min_k = r.top_p, r.min_k
+        c.layers.append((ffn, layer))
+
+
+def rewrite(c: Conversion) -> None:
+    """Each FFN's nodes become one call of its MoELayer; the dense weights are released."""
+    with tqdm(total=len(c.layers), desc=f"moefx {c.recipe.method}", disable=not c.progress) as bar:
+        for ffn, layer in c.layers:
+            gm = c.pieces[ffn.piece][0]
+            inputs = [qualified(ffn.piece, n.target) for n in ffn.nodes if n.op == "call_module"
+                      and n is not ffn.output_node and qualified(ffn.piece, n.target) in c.affine]
+            _release_dense_weights(ffn, gm, c.affine)
+            moe_name = replace_ffn(gm, ffn, layer)
+            c.report.converted.append(f"{ffn.name} -> {qualified(ffn.piece, moe_name)}")
+            c.report.layers.append(LayerOrigin(qualified(ffn.piece, moe_name), inputs, ffn.name))
+            bar.update(1)
+    for skipped in c.report.skipped:
+        log.warning("moefx.convert: not converted: %s", skipped)
+
+
+def wire_blocks(c: Conversion) -> None:
+    """Read-ME pre-gating: every MoE call inside a block takes the block's input as its router input."""
+    pregate.route_from_blocks(c.model, {name: gm for name, (gm, _) in c.pieces.items()}, c.blocks)
+
+
+def install(c: Conversion) -> None:
+    """Put each rewritten piece where its module was (inside the nearest enclosing piece, or the model)."""
+    pieces = {name: gm for name, (gm, _) in c.pieces.items()}
+    for name in sorted(pieces, key=_innermost_first):
+        if not name:
+            c.model = pieces[name]
+            return
+        enclosing = [a for a in pieces if a != name and within(name, a)]
+        owner_name = max(enclosing, key=len) if enclosing else None
+        owner = c.model if owner_name is None else pieces[owner_name]
+        relative = name if not owner_name else name[len(owner_name) + 1:]
+        parent, _, child = relative.rpartition(".")
+        setattr(owner.get_submodule(parent), child, pieces[name])
+
+
+def tune_layers(c: Conversion) -> None:
+    """Router fit, compensation and refit of the carved layers, layer by layer in execution order, each on the
+    inputs it receives from the already tuned layers before it. A carved layer with every expert active is the
+    dense FFN, so it gives the refit's target before it is changed."""
+    r = c.recipe
+    layers = [layer for _, layer in c.layers]
+    names = [ffn.name for ffn, _ in c.layers]
+    order = list(record_calls(c.model, {str(i): layer for i, layer in enumerate(layers)},
+                              lambda: run_batch(c.run, c.batches[0], 0)))
+    with tqdm(total=len(order), desc="moefx tune", disable=not c.progress) as bar:
+        for index in order:
+            layer, name = layers[int(index)], names[int(index)]
+            rows = capture_rows(layer, c.batches, c.run, r.fit_tokens, arguments=2 if r.pregate else 1)
+            x, routed_from = rows[0], (rows[1] if r.pregate else None)
+            bar.update(1)
+            if layer.top_k >= layer.num_experts:  # every expert runs: the layer is exact as it is
+                continue
+            dense = dense_output(layer, x)
+            if r.compensate or r.refit:
+                compensate(layer, x)
+            if r.fitted_router:
+                recall = FITTED_ROUTERS[r.router](layer, x, seed=r.seed, router_input=routed_from)
+                log.debug("moefx: %s %s router recall %.3f", name, r.router, recall)
+                if r.compensate or r.refit:
+                    compensate(layer, x)
+            if r.refit:
+                log.debug("moefx: %s refit relative error %.4f", name, refit(layer, x, dense))
+
+
+def distill(c: Conversion) -> None:
+    """End-to-end distillation of the MoE layers against the dense outputs recorded first (``fit.distill``)."""
+    c.model.moefx_distill = train_moe_layers(c.model, c.run, c.batches, c.teacher, steps=c.recipe.distill_steps,
+                                             lr=1e-4, balance=1e-2, experts=True, seed=c.recipe.seed,
+                                             progress=c.progress)
+
+
+def _carved_and_tuned(r: Recipe) -> bool:
+    return not r.upcycle and (r.fitted_router or r.compensate or r.refit)
+
+
+STAGES = [
+    Stage("teacher", record_teacher, lambda r: r.distill_steps > 0, fits=True),
+    Stage("trace and find", trace_and_find),
+    Stage("claim blocks", claim_blocks, lambda r: r.pregate == "block"),
+    Stage("check", check_found),
+    Stage("statistics", collect_statistics, lambda r: not r.upcycle and (
+        r.method in NEEDS_STATISTICS or (r.num_shared and r.importance == "activation")
+        or r.router == "representative"), fits=True),
+    Stage("importance", taylor, lambda r: r.num_shared > 0 and r.importance == "taylor", fits=True),
+    Stage("build layers", build_layers),
+    Stage("rewrite", rewrite),
+    Stage("wire blocks", wire_blocks, lambda r: r.pregate == "block"),
+    Stage("install", install),
+    Stage("tune", tune_layers, _carved_and_tuned, fits=True),
+    Stage("distill", distill, lambda r: r.distill_steps > 0, fits=True),
+]
+
+
+def run_stages(c: Conversion) -> None:
+    for stage in STAGES:
+        if stage.applies(c.recipe) and not (c.rebuild and stage.fits):
+            log.debug("moefx.convert: stage %s", stage.name)
+            stage.run(c)
+
+
+def _innermost_first(name: str) -> tuple:
+    return -name.count(".") - bool(name), name
+
+
+def _release_dense_weights(ffn: FFN, gm: fx.GraphModule, affine: dict) -> None:
+    """Free a dense FFN's weights once its experts hold copies, so that converting needs about one
+    FFN of memory beyond the model (the dense Linears leave the model in the rewrite)."""
+    for node in ffn.nodes:
+        name = qualified(ffn.piece, node.target) if node.op == "call_module" else None
+        if name in affine:
+            affine[name] = None
+            for param in gm.get_submodule(node.target).parameters(recurse=False):
+                param.data = param.data.new_empty(0)
+    ffn.in_maps.clear()
+    ffn.w_out = ffn.b_out = None

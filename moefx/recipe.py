@@ -1,0 +1,181 @@
+"""``Recipe``: every option of ``moefx.convert``, documented and validated in one place.
+
+``convert(model, calibration, recipe)`` and ``convert(model, num_experts, top_k, calibration,
+**options)`` build the same object; the converted model carries it (``moefx_recipe``),
+``save_pretrained`` writes it (``to_dict``) and ``load_pretrained`` rebuilds from it
+(``from_dict``). Stages read it and never re-check it.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from moefx.fit.carve import CARVERS
+from moefx.fit.routers import FITTED_ROUTERS, ROUTERS
+
+METHODS = ("upcycle", *CARVERS)
+IMPORTANCES = ("activation", "taylor")
+PREGATES = ("block",)
+
+
+def _option(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How ``moefx.convert`` turns each dense FFN into an MoE layer."""
+
+    num_experts: int = _option(8, "experts per layer, shared ones included; the FFN width must divide by it "
+                                  "(method='upcycle': copies of the FFN)")
+    top_k: int = _option(2, "routed experts active per token, besides the num_shared shared ones")
+    method: str = _option("split", "'split' (MoEfication: balanced k-means on W_in rows), 'coactivation' (neurons "
+                                   "clustered by activation pattern on the calibration data), 'random' "
+                                   "(MoEfication's baseline), or 'upcycle' (copies of the FFN; sparse upcycling)")
+    num_shared: int = _option(0, "always-active experts made of the most important neurons (DeepSeekMoE, CMoE)")
+    importance: str = _option("activation", "what puts a neuron in a shared expert: 'activation' (how often it "
+                                            "fires, CMoE) or 'taylor' (sum of |dL/dh * h|, Dense2MoE / LLaMA-MoE)")
+    router: str = _option("centroid", "how carved experts are scored: 'centroid' (mean W_in row of the expert's "
+                                      "neurons), 'representative' (CMoE), 'least_squares' (closed-form ridge "
+                                      "regression of the oracle's choice) or 'distilled' (the same target, Adam)")
+    compensate: bool = _option(False, "give every expert its mean output over the tokens that skip it as a bias")
+    refit: bool = _option(False, "closed-form ridge least-squares fit of the experts' output weights and biases to "
+                                 "the dense FFN's output under the final routing")
+    top_p: float = _option(1.0, "dynamic-k (Huang et al. 2024): keep routed experts while the router's softmax "
+                                "mass before them is below top_p")
+    min_k: int = _option(1, "dynamic-k: at least this many routed experts per token")
+    granularity: int = _option(1, "method='upcycle': cut every copy into this many shards (fine-grained "
+                                  "upcycling, arXiv 2410.07524)")
+    drop_rate: float = _option(0.0, "method='upcycle': Drop-Upcycling (arXiv 2502.19261), share of each expert's "
+                                    "neurons re-drawn")
+    num_zero: int = _option(0, "zero experts (MoE++): output 0, no FLOPs")
+    num_copy: int = _option(0, "copy experts (MoE++): output x")
+    num_const: int = _option(0, "constant experts (MoE++): output a learned vector")
+    pregate: Optional[str] = _option(None, "'block': Read-ME pre-gating, each layer routed from the input of its "
+                                           "transformer block")
+    distill_steps: int = _option(0, "end-to-end distillation steps against the dense model after the "
+                                    "training-free stages (moefx.distill)")
+    sample_tokens: int = _option(2048, "hidden-activation rows kept per FFN for co-activation clustering")
+    fit_tokens: int = _option(16384, "calibration tokens kept per layer for the router fit, compensation and refit")
+    seed: int = _option(0, "seed of every random choice (clustering, routers, Drop-Upcycling)")
+
+    def __post_init__(self):
+        self._check_types()
+        self._check_counts()
+        self._check_method()
+        self._check_routing()
+
+    def _check_types(self) -> None:
+        for f in dataclasses.fields(self):
+            value, kind = getattr(self, f.name), f.type
+            if kind == "int" and (not isinstance(value, int) or isinstance(value, bool)):
+                fail(f"{f.name}={value!r} must be a whole number" +
+                     (f" (int({value!r}))" if isinstance(value, float) and value == int(value) else ""))
+            if kind == "float" and (not isinstance(value, (int, float)) or isinstance(value, bool)):
+                fail(f"{f.name}={value!r} must be a number")
+            if kind == "bool" and not isinstance(value, bool):
+                fail(f"{f.name}={value!r} must be True or False")
+
+    def _check_counts(self) -> None:
+        if self.num_experts < 1:
+            fail(f"num_experts={self.num_experts} must be at least 1")
+        if not 0 <= self.num_shared < self.num_experts:
+            fail(f"num_shared={self.num_shared} must be between 0 and num_experts - 1 ({self.num_experts - 1}): at "
+                 "least one expert must be routed")
+        routed = self.num_experts - self.num_shared
+        if not 1 <= self.top_k <= routed:
+            fail(f"top_k={self.top_k} must be between 1 and the number of routed experts ({routed} = num_experts "
+                 f"{self.num_experts} - num_shared {self.num_shared}); use top_k={routed} to activate all of them")
+        for name in ("num_zero", "num_copy", "num_const", "distill_steps"):
+            if getattr(self, name) < 0:
+                fail(f"{name}={getattr(self, name)} must be a whole number >= 0")
+        if self.sample_tokens < 1 or self.fit_tokens < 1:
+            fail(f"sample_tokens={self.sample_tokens} and fit_tokens={self.fit_tokens} must be at least 1")
+
+    def _check_method(self) -> None:
+        if self.method not in METHODS:
+            fail(f"method={self.method!r} is not one of {METHODS}")
+        if self.importance not in IMPORTANCES:
+            fail(f"importance={self.importance!r} is not one of {IMPORTANCES}")
+        if self.importance != "activation" and not self.num_shared:
+            fail("importance chooses the neurons of the shared experts; set num_shared >= 1 or leave "
+                 "importance='activation'")
+        if self.method == "upcycle":
+            if self.num_shared:
+                fail("method='upcycle' copies the whole FFN into each expert; num_shared applies to the carving "
+                     "methods 'split' and 'coactivation'")
+            if self.router != "centroid" or self.compensate or self.refit:
+                fail("router, compensate and refit tune carved experts; method='upcycle' keeps whole copies of the "
+                     "FFN behind a softmax router: use method='split' or 'coactivation'")
+        elif self.granularity != 1 or self.drop_rate:
+            fail(f"granularity and drop_rate shape the copies of method='upcycle'; method={self.method!r} already "
+                 "cuts the FFN into num_experts parts")
+        if self.granularity < 1:
+            fail(f"granularity={self.granularity} must be a whole number of shards per copy, >= 1")
+        if not 0.0 <= self.drop_rate <= 1.0:
+            fail(f"drop_rate={self.drop_rate} is the share of neurons each expert re-draws; pick it in [0, 1] "
+                 "(Drop-Upcycling uses 0.5)")
+
+    def _check_routing(self) -> None:
+        if self.router not in ROUTERS:
+            fail(f"router={self.router!r} is not one of {tuple(ROUTERS)}")
+        fitted = self.router in FITTED_ROUTERS
+        if self.compensate and not self.refit and not fitted:
+            fail("compensate needs router='least_squares' or 'distilled' (or refit=True): it corrects for the "
+                 "experts a token skips, which helps only when the router skips the experts that contribute least "
+                 "(the centroid router often picks the opposite)")
+        if not 0.0 < self.top_p <= 1.0 or not 1 <= self.min_k <= self.top_k:
+            fail(f"dynamic-k needs 0 < top_p <= 1 and 1 <= min_k <= top_k; got top_p={self.top_p}, "
+                 f"min_k={self.min_k}, top_k={self.top_k}")
+        if self.granularity > 1 and self.top_p < 1.0:
+            fail("dynamic-k (top_p < 1) could keep only some shards of a copy when granularity > 1; use top_p=1 or "
+                 "granularity=1")
+        if self.zero_computation and self.method != "upcycle" and not fitted:
+            fail("zero-computation experts (num_zero, num_copy, num_const) in carved layers need "
+                 "router='least_squares' or 'distilled', which learns which slots they can take over; the analytic "
+                 f"router={self.router!r} has no score for them")
+        if (self.num_copy or self.num_const) and (self.compensate or self.refit):
+            fail("compensate and refit model a layer as its real experts only; with copy or constant experts use "
+                 "num_zero alone, or drop compensate/refit")
+        if self.pregate is not None:
+            if self.pregate not in PREGATES:
+                fail(f"pregate={self.pregate!r} is not one of {PREGATES} (or None)")
+            if not fitted:
+                fail("pregate='block' routes each MoE layer from the input of its block, so the router must be "
+                     f"fitted to that input: pass router='least_squares' or 'distilled' (not {self.router!r})")
+            if self.compensate or self.refit:
+                fail("compensate and refit fit the experts under the routing of the FFN's own input; with pregate "
+                     "use neither")
+
+    @property
+    def zero_computation(self) -> int:
+        return self.num_zero + self.num_copy + self.num_const
+
+    @property
+    def upcycle(self) -> bool:
+        return self.method == "upcycle"
+
+    @property
+    def fitted_router(self) -> bool:
+        return self.router in FITTED_ROUTERS
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict, source: str = "the recipe") -> "Recipe":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            fail(f"{source} has unknown option(s) {unknown}; the options are {sorted(known)}")
+        return cls(**values)
+
+    @classmethod
+    def help(cls) -> dict[str, str]:
+        """{option: its help text}."""
+        return {f.name: f.metadata["help"] for f in dataclasses.fields(cls)}
+
+
+def fail(message: str):
+    raise ValueError(f"moefx.convert: {message}")
