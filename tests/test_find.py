@@ -13,7 +13,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from moefx.convert.find import FFN, affine_map, elementwise_kind, find_ffns
+from moefx.convert.find import affine_map, elementwise_kind, find_ffns
 from moefx.op import ACTIVATIONS
 from tests.conftest import relative_error
 
@@ -42,7 +42,7 @@ def find(module: nn.Module):
     return gm, ffns, rejected
 
 
-def dense(ffn: FFN, x: torch.Tensor) -> torch.Tensor:
+def dense(ffn, x: torch.Tensor) -> torch.Tensor:
     """The FFN computed from the weights find_ffns extracted (the op's expert formula, one expert)."""
     a = F.linear(x, ffn.w_in, ffn.b_in)
     act = ACTIVATIONS[ffn.activation]
