@@ -89,6 +89,14 @@ class MoELayer(nn.Module):
         flat = router_input.reshape(-1, router_input.shape[-1])
         return route(flat, self.router.weight, self.router.bias, self.attrs)
 
+    def expert_gates(self, router_input: Tensor) -> Tensor:
+        """[T, E] the gate of each routed expert per token as the layer routes ``router_input``, 0 where skipped
+        (zero-computation experts left out)."""
+        gates, ids = self.routing(router_input)
+        full = torch.zeros(gates.shape[0], self.router.out_features, dtype=gates.dtype, device=gates.device)
+        full.scatter_add_(1, ids, gates)
+        return full[:, :self.num_experts]
+
     def _straight_through_router_grad(self, x: Tensor, router_input: Tensor) -> Tensor:
         """Zero in value; its gradient gives the router what a sigmoid gate would get. Unit gates are the
         constant 1 (so all experts active stay the dense FFN), which alone leaves a router untrainable."""

@@ -18,7 +18,6 @@ from torch import Tensor, nn
 
 from moefx.layer import MoELayer
 from moefx.runtime import call_model, hooks, output_tensor
-from moefx.fit.refit import selection
 from moefx.fit.routers import oracle_scores
 
 
@@ -105,7 +104,7 @@ def evaluate(dense: nn.Module, moe: nn.Module, data: Iterable[Any], plot: Option
             s["drift"] += (moe_out[o.moe].float() - ref).pow(2).sum().item()
             s["ref_drift"] += ref.pow(2).sum().item()
             x = moe_in[o.moe].reshape(-1, layer.hidden).float()
-            gates = selection(layer, x if router_in is None else router_in.reshape(x.shape[0], -1).float())
+            gates = layer.expert_gates(x if router_in is None else router_in.reshape(x.shape[0], -1).float())
             picked = gates != 0
             oracle = oracle_scores(layer, x).topk(min(layer.top_k, layer.num_experts), -1).indices
             s["hits"] += picked.gather(1, oracle).sum().item()

@@ -2,7 +2,7 @@
 
 Without data a layer runs its static ``top_k`` routed experts per token. With ``data`` (model
 inputs, as for calibration) the mean number of *real* routed experts per token is measured the
-way ``moefx.evaluate`` counts it (``refit.selection``: experts with a non-zero gate), so dynamic-k
+way ``moefx.evaluate`` counts it (``MoELayer.expert_gates``: experts with a non-zero gate), so dynamic-k
 (top_p < 1) and slots taken by zero-computation experts (MoE++) show as compute saved.
 """
 from __future__ import annotations
@@ -15,7 +15,6 @@ from torch import nn
 
 from moefx.layer import MoELayer
 from moefx.runtime import call_model, hooks
-from moefx.fit.refit import selection
 
 
 @dataclass
@@ -129,7 +128,7 @@ def _count_routed_experts(model: nn.Module, layers: dict[str, MoELayer], data: I
         x = args[0].reshape(-1, module.hidden)
         route_from = args[1] if len(args) > 1 else kwargs.get("router_input")
         route_from = x if route_from is None else route_from.reshape(x.shape[0], -1)
-        counts[name][0] += int((selection(module, route_from.float()) != 0).sum())
+        counts[name][0] += int((module.expert_gates(route_from.float()) != 0).sum())
         counts[name][1] += x.shape[0]
 
     registrations = [lambda m=m, name=name: m.register_forward_pre_hook(

@@ -7,7 +7,7 @@ from torch import nn
 
 import moefx
 from moefx.layer import MoELayer
-from moefx.fit.refit import compensate, dense_output, expert_hidden, refit, selection
+from moefx.fit.refit import compensate, dense_output, expert_hidden, refit
 from moefx.fit.routers import distill_router, least_squares_router, oracle_scores
 
 
@@ -35,7 +35,7 @@ def _layer(model):
 
 def _recall(layer, x):
     oracle = oracle_scores(layer, x).topk(layer.top_k, -1).indices
-    return (selection(layer, x) != 0).gather(1, oracle).float().mean().item()
+    return (layer.expert_gates(x) != 0).gather(1, oracle).float().mean().item()
 
 
 def test_distilled_router_recalls_the_oracle_better_than_the_centroid_router():
@@ -69,7 +69,7 @@ def test_compensation_subtracts_the_mean_output_of_skipping_tokens_and_stays_exa
     model, calibration = _model_and_data()
     layer = copy.deepcopy(_layer(moefx.convert(model, 8, 2, calibration, method="split", progress=False)))
     x = torch.cat(calibration)
-    skipped = selection(layer, x) == 0
+    skipped = layer.expert_gates(x) == 0
     outputs = torch.einsum("tef,ehf->teh", expert_hidden(layer, x), layer.w_out.detach())
     want = torch.stack([outputs[skipped[:, e], e].mean(0) for e in range(8)])
     compensate(layer, x)
@@ -89,7 +89,7 @@ def test_refit_solves_the_least_squares_problem_of_the_output_weights():
         assert torch.allclose(target, model(x), atol=1e-5)
     error = refit(layer, x, target, ridge=1e-9)
     # independent solution: y = sum_e g_e (h_e W_e^T + b_e) + b, linear in (W_e, b_e, b)
-    gates = selection(layer, x)
+    gates = layer.expert_gates(x)
     # (the constant column is the sum of the gates over top_k, so it adds nothing to their span)
     features = torch.cat([(expert_hidden(layer, x) * gates[..., None]).reshape(len(x), -1), gates], 1).double()
     weight = 1 / target.double().norm(dim=1, keepdim=True)  # each token's error relative to its target

@@ -7,7 +7,7 @@ import os
 import torch.fx as fx
 
 from moefx.layer import MoELayer
-from moefx.convert.find import FFN
+from moefx.ffn import FFN
 
 log = logging.getLogger(__name__)
 

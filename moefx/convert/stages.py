@@ -17,9 +17,10 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from moefx.convert import pregate
-from moefx.convert.find import FFN, affine_map, find_ffns
+from moefx.convert.find import affine_map, find_ffns
 from moefx.convert.rewrite import replace_ffn
 from moefx.convert.trace import qualified, record_calls, trace_piece, within
+from moefx.ffn import FFN
 from moefx.fit.calibrate import HiddenStats, capture_rows, collect_hidden_stats
 from moefx.fit.carve import CARVERS, NEEDS_STATISTICS, carved_layer, contiguous_groups, partition, upcycled_layer
 from moefx.fit.distill import teacher_outputs, train_moe_layers

@@ -30,7 +30,7 @@ from torch import Tensor
 from moefx.layer import MoELayer
 from moefx.op import MoEAttrs
 from moefx.fit.calibrate import HiddenStats
-from moefx.convert.find import FFN
+from moefx.ffn import FFN
 
 # router logit of a switched-off expert: below any real logit, so top_k never reaches it
 OFF_LOGIT = -1e4

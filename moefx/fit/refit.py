@@ -49,14 +49,6 @@ def expert_outputs(layer: MoELayer, x: Tensor) -> Tensor:
     return out if layer.b_out is None else out + layer.b_out.float()
 
 
-def selection(layer: MoELayer, x: Tensor) -> Tensor:
-    """[T, E] gate of each routed expert per token as the layer routes ``x`` (0 where skipped)."""
-    gates, ids = layer.routing(x)
-    full = torch.zeros(x.shape[0], layer.router.out_features, dtype=gates.dtype)
-    full.scatter_add_(1, ids, gates)
-    return full[:, :layer.num_experts]
-
-
 def _ensure_expert_bias(layer: MoELayer) -> None:
     if layer.b_out is None:
         layer.b_out = torch.nn.Parameter(torch.zeros(layer.num_experts, layer.hidden, dtype=layer.w_out.dtype,
@@ -69,7 +61,7 @@ def _ensure_expert_bias(layer: MoELayer) -> None:
 def compensate(layer: MoELayer, x: Tensor) -> None:
     """Give each expert its mean output over the calibration tokens that skip it as a standing bias."""
     _ensure_expert_bias(layer)
-    skipped = (selection(layer, x) == 0).float()                        # [T, E]
+    skipped = (layer.expert_gates(x) == 0).float()                        # [T, E]
     outputs = expert_outputs(layer, x)                                  # [T, E, H]
     mean = torch.einsum("te,teh->eh", skipped, outputs) / skipped.sum(0).clamp(min=1)[:, None]
     layer.b_out -= mean.to(layer.b_out.dtype)
@@ -115,7 +107,7 @@ def refit(layer: MoELayer, x: Tensor, target: Tensor, ridge: float = 1e-2, chunk
 
 def _features(layer: MoELayer, x: Tensor) -> Tensor:
     """[T, Fs + E*Fe + E + 1]: shared h, routed h times the gate, gate per expert, constant 1."""
-    gates = selection(layer, x)
+    gates = layer.expert_gates(x)
     routed = (expert_hidden(layer, x) * gates[..., None]).reshape(x.shape[0], -1)
     parts = [routed, gates, torch.ones(x.shape[0], 1)]
     if layer.shared_in is not None:

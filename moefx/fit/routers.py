@@ -27,7 +27,7 @@ from torch import Tensor
 
 from moefx.layer import MoELayer
 from moefx.fit.carve import gate_rows
-from moefx.convert.find import FFN
+from moefx.ffn import FFN
 from moefx.fit.refit import dense_output, expert_outputs
 
 log = logging.getLogger("moefx")

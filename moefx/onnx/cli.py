@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import argparse
-from typing import Optional
 
 TARGET_CHOICES = ("auto", "onnxruntime", "standard")
 METHOD_CHOICES = ("split", "coactivation", "upcycle")
@@ -49,13 +48,6 @@ def export_from_cli(args: argparse.Namespace) -> str:
     report = export_onnx(model, batch(sentences[-5:-3]), args.out, target=args.target, approximate=args.approximate)
     other = max_abs_error(args.out, model, (), batch(sentences[-3:]))
     return f"{report}\n  on another batch ({len(sentences[-3:])} sentences): max abs error {other:.2e}"
-
-
-def main_export(argv: Optional[list[str]] = None) -> int:
-    args = add_export_arguments(argparse.ArgumentParser(prog="moefx export", description=__doc__.splitlines()[0])
-                                ).parse_args(argv)
-    print(export_from_cli(args))
-    return 0
 
 
 def _load(name: str):
