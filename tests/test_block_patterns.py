@@ -344,7 +344,7 @@ def test_moe_like_blocks_outside_the_contract_are_left_as_ordinary_ops_each_with
     check_same_outputs(gm, chain)
 
 
-# ---------------------------------------------------------------- known wrong answers (library bugs)
+# ---------------------------------------------------------------- extra factors on the expert path
 
 class HalfCombine(Mixtral):
     def combine(self, out, gates, tokens):
@@ -370,10 +370,6 @@ class Scaled(nn.Module):
         return self.halved(x), self.per_expert(x)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="moefx/compile/moe_blocks.py: every `mul` inside the block counts as routing bookkeeping "
-                          "(BOOKKEEPING, parse_experts), so an extra factor on the expert path is dropped from the "
-                          "moefx::moe call")
 def test_extra_factor_on_the_expert_path_is_kept_or_the_block_left_alone():
     block = Scaled().eval()
     gm = export(block)

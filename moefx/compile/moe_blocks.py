@@ -271,9 +271,14 @@ def parse_experts(region: list[Node], routing: set[Node], gates_end: Node, combi
     activation = op_name(act)
     if activation == "gelu" and arg(act, 1, "approximate", "none") == "tanh":
         activation = "gelu_tanh"
-    if not any(op_name(m) == "mul" and any(reaches(gates_end, a, members) for a in m.args[:2])
-               and any(reaches(down, a, members) for a in m.args[:2]) for m in region):
+    gate_muls = [m for m in region if m not in routing and _is_float_mul(m) and _multiplies(m, gates_end, down, members)]
+    if not gate_muls:
         raise NotRewritten("expert outputs are not multiplied by the router's gates")
+    for m in region:  # any other float product on the expert path would change what the op computes
+        if m not in routing and _is_float_mul(m) and m not in gate_muls and not (
+                gated and _multiplies(m, act, up, members, exclusive=False)):
+            raise NotRewritten(f"{m.name} multiplies the expert path by something other than the router's gates "
+                               "(a scale or extra factor the op does not express)")
     e, f_in, hidden = value(w_up).shape
     if value(w_down).shape != (e, hidden, f_in // 2 if gated else f_in) or value(x).shape[-1] != hidden:
         raise NotRewritten(f"expert weights {tuple(value(w_up).shape)} and {tuple(value(w_down).shape)} are not "
@@ -281,6 +286,24 @@ def parse_experts(region: list[Node], routing: set[Node], gates_end: Node, combi
     if not all(isinstance(s, int) for s in (*value(w_up).shape, *value(w_down).shape)):
         raise NotRewritten("expert weight shapes are dynamic")
     return Experts(x, w_up, w_down, activation, gated, [v for v in views if v not in members])
+
+
+def _is_float_mul(node: Node) -> bool:
+    result = value(node)
+    return op_name(node) == "mul" and isinstance(result, torch.Tensor) and result.is_floating_point()
+
+
+def _multiplies(node: Node, left: Node, right: Node, members: set[Node], exclusive: bool = True) -> bool:
+    """Whether ``node`` is a product of one factor computed from ``left`` and one from ``right`` (with
+    ``exclusive``, neither factor computed from both)."""
+    factors = [a for a in node.args[:2] if isinstance(a, Node)]
+    if len(factors) != 2:
+        return False
+    for a, b in (factors, factors[::-1]):
+        if reaches(left, a, members) and reaches(right, b, members) and (
+                not exclusive or not (reaches(right, a, members) or reaches(left, b, members))):
+            return True
+    return False
 
 
 def reaches(source: Node, target, members: set[Node]) -> bool:
