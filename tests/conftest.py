@@ -15,6 +15,17 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
+class PlainFFN(torch.nn.Module):
+    """A bare 16 -> 64 -> 16 GELU FFN: the smallest model moefx converts."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = torch.nn.Linear(16, 64), torch.nn.Linear(64, 16)
+
+    def forward(self, x):
+        return self.down(torch.nn.functional.gelu(self.up(x)))
+
+
 def main_output(output) -> torch.Tensor:
     """The hidden-state tensor of a transformers/diffusers output object, tuple or tensor."""
     for name in ("last_hidden_state", "sample", "logits"):

@@ -4,25 +4,16 @@ import json
 
 import pytest
 import torch
-from torch import nn
 
 import moefx
 from moefx.convert.stages import STAGES
 from moefx.recipe import Recipe
-
-
-class FFN(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.up, self.down = nn.Linear(16, 64), nn.Linear(64, 16)
-
-    def forward(self, x):
-        return self.down(torch.nn.functional.gelu(self.up(x)))
+from tests.conftest import PlainFFN
 
 
 def test_recipe_form_and_keyword_form_convert_alike():
     torch.manual_seed(0)
-    dense = FFN().eval()
+    dense = PlainFFN().eval()
     calibration = [torch.randn(64, 16) for _ in range(3)]
     recipe = Recipe(num_experts=8, top_k=2, method="coactivation", num_shared=1, router="least_squares", refit=True)
     by_recipe = moefx.convert(dense, calibration, recipe, progress=False)
@@ -55,14 +46,14 @@ def test_conflicting_or_mistyped_options_are_named_with_the_fix(options, message
     with pytest.raises(ValueError, match=__import__("re").escape(message)):
         Recipe(**options)
     with pytest.raises(ValueError, match=__import__("re").escape(message)):  # the keyword form is the same check
-        moefx.convert(FFN(), calibration=[torch.randn(4, 16)], progress=False, **options)
+        moefx.convert(PlainFFN(), calibration=[torch.randn(4, 16)], progress=False, **options)
 
 
 def test_unknown_options_and_mixed_forms_are_refused():
     with pytest.raises(TypeError, match=r"unknown option\(s\) \['topk'\]"):
-        moefx.convert(FFN(), 8, calibration=[torch.randn(4, 16)], topk=2)
+        moefx.convert(PlainFFN(), 8, calibration=[torch.randn(4, 16)], topk=2)
     with pytest.raises(TypeError, match="pass either recipe= or the options"):
-        moefx.convert(FFN(), calibration=[torch.randn(4, 16)], recipe=Recipe(), top_k=2)
+        moefx.convert(PlainFFN(), calibration=[torch.randn(4, 16)], recipe=Recipe(), top_k=2)
     with pytest.raises(ValueError, match=r"moefx.json has unknown option\(s\) \['experts'\]"):
         Recipe.from_dict({"experts": 8}, source="moefx.json")
 
@@ -82,7 +73,7 @@ def test_the_stage_list_names_every_stage_once_and_fits_are_marked():
 def test_load_rebuilds_from_the_saved_recipe_without_refitting(tmp_path, monkeypatch):
     """A fitted-router, refit, co-activation conversion comes back exactly; loading runs no fitting stage."""
     torch.manual_seed(0)
-    dense = FFN().eval()
+    dense = PlainFFN().eval()
     calibration = [torch.randn(64, 16) for _ in range(3)]
     moe = moefx.convert(dense, 8, 2, calibration, method="coactivation", router="least_squares", compensate=True,
                         refit=True, progress=False)
@@ -91,7 +82,7 @@ def test_load_rebuilds_from_the_saved_recipe_without_refitting(tmp_path, monkeyp
     assert Recipe.from_dict(saved) == moe.moefx_recipe
     import moefx.fit.routers as routers
     monkeypatch.setitem(routers.FITTED_ROUTERS, "least_squares", lambda *a, **k: pytest.fail("refitted on load"))
-    original = FFN()
+    original = PlainFFN()
     before = {k: v.clone() for k, v in original.state_dict().items()}
     loaded = moefx.load_pretrained(str(tmp_path), model=original)
     x = torch.randn(32, 16)
@@ -101,11 +92,11 @@ def test_load_rebuilds_from_the_saved_recipe_without_refitting(tmp_path, monkeyp
 
 
 def test_a_corrupted_recipe_file_names_the_file(tmp_path):
-    moe = moefx.convert(FFN(), 4, 2, [torch.randn(8, 16)], progress=False)
+    moe = moefx.convert(PlainFFN(), 4, 2, [torch.randn(8, 16)], progress=False)
     moefx.save_pretrained(moe, str(tmp_path))
     (tmp_path / "moefx.json").write_text("{not json")
     with pytest.raises(ValueError, match="moefx.json is not valid JSON"):
-        moefx.load_pretrained(str(tmp_path), model=FFN())
+        moefx.load_pretrained(str(tmp_path), model=PlainFFN())
     (tmp_path / "moefx.json").write_text("{}")
     with pytest.raises(ValueError, match=r"moefx.json lacks \['recipe'"):
-        moefx.load_pretrained(str(tmp_path), model=FFN())
+        moefx.load_pretrained(str(tmp_path), model=PlainFFN())

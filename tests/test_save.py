@@ -1,29 +1,20 @@
 """Save a converted model (safetensors) and load it back: same outputs, same structure."""
 import pytest
 import torch
-from torch import nn
 
 import moefx
 from moefx.checkpoint import load_pretrained, save_pretrained
-
-
-class FFN(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.up, self.down = nn.Linear(16, 64), nn.Linear(64, 16)
-
-    def forward(self, x):
-        return self.down(torch.nn.functional.gelu(self.up(x)))
+from tests.conftest import PlainFFN
 
 
 def test_tuned_plain_module_round_trips(tmp_path):
     torch.manual_seed(0)
-    dense = FFN().eval()
+    dense = PlainFFN().eval()
     calibration = [torch.randn(64, 16) for _ in range(3)]
     moe = moefx.convert(dense, 8, 2, calibration, method="coactivation", num_shared=1, router="representative", refit=True,
                         progress=False)
     save_pretrained(moe, str(tmp_path))
-    loaded = load_pretrained(str(tmp_path), model=FFN())
+    loaded = load_pretrained(str(tmp_path), model=PlainFFN())
     x = torch.randn(32, 16)
     with torch.no_grad():
         assert torch.equal(loaded(x), moe(x))
@@ -70,4 +61,4 @@ def test_every_recipe_option_round_trips(tmp_path, options):
 
 def test_saving_needs_a_converted_model(tmp_path):
     with pytest.raises(ValueError, match="save the model that moefx.convert returned"):
-        save_pretrained(FFN(), str(tmp_path))
+        save_pretrained(PlainFFN(), str(tmp_path))
