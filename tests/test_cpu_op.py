@@ -80,11 +80,11 @@ def test_grouped_masks_the_rows_grouped_mm_leaves_unwritten(monkeypatch):
     assert relative_error(out, moe_reference(_op_inputs(t), cfg)) <= 1e-6
 
 
-def test_strategy_table_is_ordered_and_covers_every_slot_count():
-    limits = [limit for limit, _ in moefx.cpu.STRATEGY_BY_SLOTS]
-    assert limits == sorted(limits) and limits[-1] == float("inf")
-    assert strategy_for(1) == "pairs" and strategy_for(10 ** 9) == "per_expert"
-    assert {name for _, name in moefx.cpu.STRATEGY_BY_SLOTS} <= set(STRATEGIES)
+def test_crossover_table_picks_pairs_then_grouped_then_per_expert():
+    pairs, rows = moefx.cpu.CROSSOVERS["pairs_max_slots"], moefx.cpu.CROSSOVERS["grouped_max_rows_per_expert"]
+    assert [strategy_for(n, 8) for n in (1, pairs, pairs + 1, 8 * rows, 8 * rows + 1)] == [
+        "pairs", "pairs", "grouped", "grouped", "per_expert"]
+    assert strategy_for(8 * rows + 1, 64) == "grouped"  # more experts: fewer rows each
 
 
 def test_cpu_tensors_take_the_cpu_implementation_and_reference_stays_selectable(monkeypatch):
