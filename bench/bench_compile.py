@@ -7,6 +7,7 @@ Meaningful on a GPU (bf16); ``--tiny`` runs small sizes in fp32 so the script is
 
     python bench/bench_compile.py                     # GPU, full sizes
     python bench/bench_compile.py --tiny --iters 3    # CPU smoke run
+    python bench/bench_compile.py --shapes "decode b=1" --variants eager inductor moefx --json out.json
 """
 from __future__ import annotations
 
@@ -66,19 +67,26 @@ def time_forward(fn, ids, iters: int, device: str) -> float:
     return statistics.median(samples)
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="small sizes, fp32 (CPU smoke run)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--shapes", nargs="+", help=f"a subset of the shapes (full: {list(FULL_SHAPES)}, "
+                                                    f"--tiny: {list(TINY_SHAPES)})")
     parser.add_argument("--json", help="also write the results to this file")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if not args.tiny and args.device != "cuda":
         parser.error("full sizes need a CUDA device; pass --tiny to run small sizes on the CPU")
     dtype = torch.float32 if args.tiny else torch.bfloat16
     model = build_model(args.tiny, dtype, args.device)
     shapes = TINY_SHAPES if args.tiny else FULL_SHAPES
+    if args.shapes:
+        unknown = set(args.shapes) - set(shapes)
+        if unknown:
+            parser.error(f"unknown shapes {sorted(unknown)}; pick from {list(shapes)}")
+        shapes = {name: shapes[name] for name in args.shapes}
     vocab = model.config.vocab_size
 
     results = []

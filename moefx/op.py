@@ -30,7 +30,7 @@ experts is reproduced exactly. With renormalized softmax gates and identical exp
 (upcycling), y equals one expert at any top_k.
 
 Implementations register into ``IMPLEMENTATIONS`` by name (``register_implementation``); the op
-picks one per call with ``kernel_path`` (``MOEFX_KERNELS``). ``moefx.codegen`` registers "triton";
+picks one per call with ``kernel_path`` (``MOEFX_KERNELS``). ``moefx.codegen`` registers "triton", ``moefx.cpu`` "cpu";
 a provider module is imported by name the first time its path is selected, so nothing here
 imports it.
 """
@@ -48,6 +48,7 @@ from typing import Callable, NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 ACTIVATIONS = {
     "relu": F.relu,
@@ -56,7 +57,7 @@ ACTIVATIONS = {
     "silu": F.silu,
 }
 SCORINGS = ("softmax", "sigmoid", "unit")
-KERNEL_PATHS = ("auto", "triton", "reference")
+KERNEL_PATHS = ("auto", "triton", "cpu", "reference")
 
 
 class MoEInputs(NamedTuple):
@@ -141,15 +142,24 @@ NUM_INPUTS = len(MoEInputs._fields)
 
 def unflatten(args: tuple) -> tuple[MoEInputs, MoEAttrs]:
     """(inputs, attrs) from the op's flat arguments."""
-    return MoEInputs(*args[:NUM_INPUTS]), MoEAttrs(*args[NUM_INPUTS:])
+    return MoEInputs(*args[:NUM_INPUTS]), _attrs(*args[NUM_INPUTS:])
+
+
+@functools.lru_cache(maxsize=256)
+def _attrs(*flat) -> MoEAttrs:
+    """``MoEAttrs(*flat)``, validated once per distinct value (the op body runs this on every call)."""
+    return MoEAttrs(*flat)
 
 
 def kernel_path(device: torch.device) -> str:
-    """The implementation ``MOEFX_KERNELS`` (auto | triton | reference) selects for ``device``."""
+    """The implementation ``MOEFX_KERNELS`` (auto | triton | cpu | reference) selects for ``device``: "auto" is
+    Triton on CUDA (when installed), "cpu" on the CPU, the reference elsewhere."""
     choice = os.environ.get("MOEFX_KERNELS", "auto")
     if choice not in KERNEL_PATHS:
         raise ValueError(f"MOEFX_KERNELS={choice!r} is not one of {KERNEL_PATHS}; unset it or pick one")
     if choice == "auto":
+        if device.type == "cpu":
+            return "cpu"
         return "triton" if device.type == "cuda" and _triton_available() else "reference"
     return choice
 
@@ -166,7 +176,7 @@ def _triton_available() -> bool:
 Implementation = Callable[[MoEInputs, MoEAttrs], Tensor]
 IMPLEMENTATIONS: dict[str, Implementation] = {}
 # the module that registers each implementation not defined here
-PROVIDERS = {"triton": "moefx.codegen"}
+PROVIDERS = {"triton": "moefx.codegen", "cpu": "moefx.cpu"}
 
 
 def register_implementation(name: str, implementation: Implementation) -> None:
@@ -189,7 +199,10 @@ def route(router_input: Tensor, w_router: Tensor, b_router: Optional[Tensor], at
           ) -> tuple[Tensor, Tensor]:
     """Gates [T, top_k] (fp32, 0 for choices dropped by dynamic-k) and expert ids [T, top_k]."""
     acc = accumulation_dtype(router_input.dtype)
-    logits = F.linear(router_input.to(acc), w_router.to(acc), None if b_router is None else b_router.to(acc))
+    if not router_input.dtype == w_router.dtype == acc or (b_router is not None and b_router.dtype != acc):
+        router_input, w_router = router_input.to(acc), w_router.to(acc)
+        b_router = None if b_router is None else b_router.to(acc)
+    logits = F.linear(router_input, w_router, b_router)
     if attrs.scoring == "softmax":
         scores = logits.softmax(-1)
     elif attrs.scoring == "sigmoid":
@@ -205,7 +218,7 @@ def route(router_input: Tensor, w_router: Tensor, b_router: Optional[Tensor], at
         gates = gates * ((rank < attrs.min_k) | (mass_before < attrs.top_p))
     if attrs.renormalize:
         gates = gates / gates.sum(-1, keepdim=True)
-    return gates * attrs.gate_scale, ids
+    return (gates if attrs.gate_scale == 1.0 else gates * attrs.gate_scale), ids
 
 
 def activate(a: Tensor, activation: str, gated: bool) -> Tensor:
@@ -397,9 +410,25 @@ register_autograd(moe)
 
 
 def moe_op(inputs: MoEInputs, attrs: MoEAttrs) -> Tensor:
-    """Validate the tensors against the contract, then call ``torch.ops.moefx.moe``."""
+    """Validate the tensors against the contract, then call ``torch.ops.moefx.moe``.
+
+    Eager inference on plain CPU tensors calls the selected implementation directly: the custom op's
+    Python dispatch (autograd wrapper, redispatch, alias checks) costs as much as a one-token MoE
+    layer. Whenever the call could be recorded or differentiated (torch.compile, export, any dispatch
+    or function mode, functorch transforms, jit tracing, a tensor needing grad), the op itself runs."""
     check_inputs(inputs, attrs)
+    if _eager_cpu_inference(inputs):
+        return implementation(kernel_path(inputs.x.device))(inputs, attrs)
     return torch.ops.moefx.moe(*inputs, *attrs.flat())
+
+
+def _eager_cpu_inference(inputs: MoEInputs) -> bool:
+    x = inputs.x
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
+        return False
+    return (x.is_cpu and x.__class__ in (Tensor, torch.nn.Parameter) and not is_in_torch_dispatch_mode()
+            and not torch._C._is_torch_function_mode_enabled() and not torch.compiler.is_compiling()
+            and not torch._C._are_functorch_transforms_active() and torch._C._get_tracing_state() is None)
 
 
 def check_inputs(inputs: MoEInputs, attrs: MoEAttrs) -> None:
