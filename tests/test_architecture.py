@@ -16,6 +16,7 @@ ALLOWED = {
     "moefx.runtime": (),
     "moefx.ffn": (),
     "moefx.layer": ("moefx.op",),
+    "moefx.cpu": ("moefx.op",),
     "moefx.codegen": ("moefx.op", "moefx.codegen"),
     "moefx.fit": ("moefx.op", "moefx.layer", "moefx.ffn", "moefx.runtime", "moefx.fit"),
     "moefx.recipe": ("moefx.fit",),
