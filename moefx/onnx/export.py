@@ -210,14 +210,19 @@ def without_cache(model: torch.nn.Module, kwargs: dict) -> tuple[dict, list[str]
 
 def widened(model: torch.nn.Module, args: tuple, kwargs: dict, shapes: dict) -> tuple[tuple, dict]:
     """The inputs with every size-1 dynamic axis doubled (the example repeated along it): torch.export
-    specializes sizes 0 and 1, so a one-sentence example would fix the batch size at 1."""
-    bound = inspect.signature(model.forward).bind(*args, **kwargs)
-    for name, value in bound.arguments.items():
+    specializes sizes 0 and 1, so a one-sentence example would fix the batch size at 1. Positional inputs
+    stay positional and keyword inputs keyword, in the caller's order (the ONNX inputs follow it)."""
+    signature = inspect.signature(model.forward)
+    values = signature.bind(*args, **kwargs).arguments
+    for name, value in values.items():
         for axis in (shapes.get(name) or {}):
             if isinstance(value, torch.Tensor) and value.shape[axis] == 1:
                 value = torch.cat([value, value], dim=axis)
-        bound.arguments[name] = value
-    return bound.args, bound.kwargs
+        values[name] = value
+    positional = [p.name for p in signature.parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    new_args = tuple(values[positional[i]] if i < len(positional) else arg for i, arg in enumerate(args))
+    return new_args, {name: values.get(name, value) for name, value in kwargs.items()}
 
 
 def split_inputs(example_inputs) -> tuple[tuple, dict]:
@@ -272,8 +277,19 @@ def run_onnx(path: Union[str, Path], *args, **kwargs) -> list[torch.Tensor]:
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    flat = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-    feeds = {i.name: t.detach().cpu().numpy() for i, t in zip(session.get_inputs(), flat)}
+    positional = [t for t in pytree.tree_leaves(args) if isinstance(t, torch.Tensor)]
+    named = {k: t for k, t in kwargs.items() if isinstance(t, torch.Tensor)}
+    feeds = {}
+    for graph_input in session.get_inputs():  # keyword inputs by name, the rest in order
+        if graph_input.name in named:
+            value = named.pop(graph_input.name)
+        elif positional:
+            value = positional.pop(0)
+        elif named:
+            value = named.pop(next(iter(named)))
+        else:
+            raise ValueError(f"{path} takes an input {graph_input.name!r} that the given inputs do not provide")
+        feeds[graph_input.name] = value.detach().cpu().numpy()
     return [torch.from_numpy(out) for out in session.run(None, feeds)]
 
 
