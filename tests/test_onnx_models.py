@@ -119,16 +119,18 @@ def test_carved_minilm_from_one_sentence(carved_minilm, target, tol, tmp_path):
 
 
 def test_gpt2_with_default_arguments_exports_without_its_cache(tmp_path):
-    """GPT2Model returns a DynamicCache by default; the export leaves it out and says so."""
+    """GPT2Model returns a DynamicCache by default; the export leaves it out and says so. Carved with a shared
+    expert: its tanh-GELU layers go through com.microsoft.MoE exactly, the shared expert beside it."""
     from transformers import GPT2Config, GPT2Model
 
     torch.manual_seed(0)
     config = GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=64)
     assert config.use_cache
-    model = moefx.convert(GPT2Model(config).eval(), num_experts=4, top_k=2, method="split",
+    model = moefx.convert(GPT2Model(config).eval(), num_experts=4, top_k=2, num_shared=1, method="split",
                           calibration=[token_batch(2, 6, 0)], progress=False)
     report = export_onnx(model, token_batch(1, 5, seed=0)["input_ids"], tmp_path / "m.onnx")
     assert report.max_abs_error <= 1e-4 and "use_cache=False" in str(report)
+    assert [layer.target for layer in report.layers] == ["onnxruntime"] and report.node_counts[CONTRIB] == 1
     ids = token_batch(3, 9, seed=1)["input_ids"]
     with torch.no_grad():
         expected = model(ids, use_cache=False).last_hidden_state

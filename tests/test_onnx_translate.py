@@ -239,3 +239,16 @@ def test_batch_one_example_exports_with_dynamic_axes(example, tmp_path):
     report = export_onnx(model, inputs(*example), tmp_path / "m.onnx")
     assert report.max_abs_error <= 1e-4  # on the batch-1 example itself
     assert_matches_pytorch(tmp_path / "m.onnx", model)
+
+
+def test_sparse_standard_runs_in_openvino(tmp_path):
+    openvino = pytest.importorskip("openvino")
+    names = ("swiglu", "carved_unit_relu", "sigmoid_unnormalized", "dynamic_k", "zero_computation")
+    model = Stack(EVERY_FEATURE[name] for name in names).eval()
+    export_onnx(model, inputs(1, 4), tmp_path / "m.onnx", target="standard", verify=False)
+    compiled = openvino.Core().compile_model(str(tmp_path / "m.onnx"), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    for shape in CHECK_SHAPES:
+        x, route_from = inputs(*shape)
+        actual = compiled({"x": x.numpy(), "route_from": route_from.numpy()})[compiled.output(0)]
+        err = (torch.from_numpy(actual) - model(x, route_from).detach()).abs().max().item()
+        assert err <= 1e-4, f"max abs error {err:.2e} at batch, seq = {shape}"
