@@ -184,8 +184,8 @@ def _activation(a, name: str):
         return op.Relu(a)
     if name == "silu":
         return op.Mul(a, op.Sigmoid(a))
-    if name == "gelu":
-        return op.Mul(op.Mul(a, 0.5), op.Add(op.Erf(op.Mul(a, 1 / math.sqrt(2))), 1.0))
+    if name == "gelu":  # in the form onnxruntime's GeluFusion turns into one Gelu node (x / sqrt 2, not x * 1/sqrt 2)
+        return op.Mul(op.Mul(a, op.Add(op.Erf(op.Div(a, math.sqrt(2))), 1.0)), 0.5)
     inner = op.Mul(op.Add(a, op.Mul(op.Mul(op.Mul(a, a), a), 0.044715)), math.sqrt(2 / math.pi))
     return op.Mul(op.Mul(a, 0.5), op.Add(op.Tanh(inner), 1.0))
 
@@ -270,11 +270,19 @@ def dense_moe(inputs: MoEInputs, attrs: MoEAttrs):
     return op.Cast(y, to=out_dtype) if upcast else y
 
 
-# nodes one more expert adds to a sparse ReLU layer without biases (after torch.onnx's constant folding
-# of the per-expert weight slices): Gather (gate column), NonZero, Reshape, Gather (rows), Gather
-# (gates), Unsqueeze, MatMul, Relu, MatMul, Mul; each bias adds an Add, a gated layer two Slices and a Mul,
-# and each activation its own nodes (SiLU 2, GELU 6).
+# nodes one more expert adds to a sparse softmax-routed ReLU layer without biases (after torch.onnx's
+# constant folding of the per-expert weight slices): Gather (gate column), NonZero, Reshape, Gather
+# (rows), Gather (gates), Unsqueeze, MatMul, Relu, Mul, MatMul. Unit gates need no per-expert gates (8);
+# each bias adds an Add, a gated layer two Slices and a Mul, and the activation its own nodes (SiLU 2,
+# GELU 5, which onnxruntime fuses into one Gelu).
 SPARSE_NODES_PER_EXPERT = 10
+
+
+def uniform_gate(attrs: MoEAttrs) -> Optional[float]:
+    """The one value every kept gate has (unit gates: gate_scale, over k if renormalised), or None if gates vary."""
+    if attrs.scoring != "unit" or (attrs.renormalize and attrs.top_p < 1.0):
+        return None
+    return attrs.gate_scale / attrs.top_k if attrs.renormalize else attrs.gate_scale
 
 
 def sparse_moe(inputs: MoEInputs, attrs: MoEAttrs):
@@ -293,6 +301,7 @@ def sparse_moe(inputs: MoEInputs, attrs: MoEAttrs):
             b_in = op.Reshape(op.Transpose(op.Reshape(b_in, [num_experts, width, 2]), perm=[0, 2, 1]),
                               [num_experts, in_rows])
     w_out_t = op.Transpose(w_out, perm=[0, 2, 1])  # [E, F, H]
+    uniform = uniform_gate(attrs)
 
     rows_of, outputs = [], []
     for e in range(num_experts):
@@ -307,13 +316,19 @@ def sparse_moe(inputs: MoEInputs, attrs: MoEAttrs):
             h = op.Mul(_activation(gate, attrs.activation), up)
         else:
             h = _activation(a, attrs.activation)
+        gates = None if uniform is not None else op.Unsqueeze(op.Gather(gate_column, rows, axis=0), [1])
+        if gates is not None and b_out is None:
+            h = op.Mul(h, gates)  # on the narrower side of the second MatMul
         y_e = op.MatMul(h, op.Gather(w_out_t, expert, axis=0))
         if b_out is not None:
             y_e = op.Add(y_e, op.Gather(b_out, expert, axis=0))
+            y_e = y_e if gates is None else op.Mul(y_e, gates)
         rows_of.append(rows)
-        outputs.append(op.Mul(y_e, op.Unsqueeze(op.Gather(gate_column, rows, axis=0), [1])))
+        outputs.append(y_e)
     zeros = op.Expand(op.CastLike(0.0, x), op.Shape(x))
     y = op.ScatterND(zeros, op.Unsqueeze(op.Concat(*rows_of, axis=0), [1]), op.Concat(*outputs, axis=0),
                      reduction="add")
+    if uniform not in (None, 1.0):
+        y = op.Mul(y, op.CastLike(uniform, y))
     y = _zero_computation(y, x, combine, num_experts, attrs, const_experts)
     return op.Cast(y, to=out_dtype) if upcast else y
