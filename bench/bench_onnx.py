@@ -109,7 +109,8 @@ def main() -> None:
     def export(model, name, target, approximate=False):
         path = tmp / f"{name}_{target}.onnx"
         export_onnx(model, batch(1, 16), path, target=target, approximate=approximate, verify=False)
-        notes.append(f"{name} {target}: onnxruntime max abs error vs PyTorch {max_abs_error(path, model, (), check):.1e}"
+        error = max_abs_error(path, model, (), check)
+        notes.append(f"{name} {target}: onnxruntime max abs error vs PyTorch {error:.1e}"
                      + (" (tanh-GELU approximation)" if approximate else ""))
         return path
 

@@ -10,7 +10,7 @@ from onnx.reference import ReferenceEvaluator
 from torch import nn
 
 from moefx.op import MoEAttrs, MoEInputs, moe_op
-from moefx.onnx import UnsupportedLayerError, count_nodes, export_onnx, run_onnx
+from moefx.onnx import UnsupportedLayerError, export_onnx, run_onnx
 from moefx.onnx.probe import probe_contrib
 from moefx.onnx.translate import SPARSE_NODES_PER_EXPERT, MoEConfig, contrib_blocker
 

@@ -112,9 +112,12 @@ def export_onnx(
 ) -> ExportReport:
     """Export ``model`` (with moefx MoE layers) to ONNX at ``path``.
 
-    target: "onnxruntime" (each MoE layer one com.microsoft.MoE node; error for a layer it cannot
-    express), "standard" (standard ONNX ops only, any runtime), or "auto" (the contrib op where it
-    is exact and the installed onnxruntime runs it correctly, standard ops elsewhere).
+    target: "onnxruntime" (each MoE layer one com.microsoft.MoE node, unit-gated and sigmoid layers
+    routed in the graph; error for a layer it cannot express: dynamic-k, zero-computation experts),
+    "standard" (standard ONNX ops only, any runtime; only the chosen experts' rows are computed),
+    "standard-dense" (standard ops, every expert computed densely; graph size independent of the
+    number of experts), or "auto" (the contrib op where it is exact and the installed onnxruntime
+    runs it correctly, "standard" elsewhere; each fallback's reason is in the report).
     approximate: let com.microsoft.MoE's tanh-GELU stand in for exact GELU; the report then
     carries the error measured in onnxruntime. example_inputs: positional inputs (a tensor or a
     tuple) or keyword inputs (a dict). dynamic_axes: {input name: {axis: dim name}}; by default
