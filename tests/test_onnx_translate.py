@@ -1,14 +1,18 @@
-"""ONNX translations of moefx::moe on one-layer models: every contract feature through the standard
-ops, the expressible ones through com.microsoft.MoE, run in onnxruntime CPU at shapes other than
-the example's (dynamic batch and sequence axes)."""
+"""ONNX translations of moefx::moe on one-layer models: every contract feature through both standard
+lowerings (sparse and dense), the expressible ones (softmax, unit and sigmoid gates) through
+com.microsoft.MoE, run in onnxruntime CPU at shapes other than the example's (dynamic batch and
+sequence axes); the sparse lowering also in the ONNX reference evaluator."""
+import onnx
+import onnxruntime as ort
 import pytest
 import torch
+from onnx.reference import ReferenceEvaluator
 from torch import nn
 
 from moefx.op import MoEAttrs, MoEInputs, moe_op
-from moefx.onnx import UnsupportedLayerError, count_nodes, export_onnx, run_onnx
+from moefx.onnx import UnsupportedLayerError, export_onnx, run_onnx
 from moefx.onnx.probe import probe_contrib
-from moefx.onnx.translate import MoEConfig, contrib_blocker
+from moefx.onnx.translate import SPARSE_NODES_PER_EXPERT, MoEConfig, contrib_blocker
 
 HIDDEN, WIDTH = 16, 8
 EXAMPLE = (2, 3)
@@ -73,12 +77,17 @@ EVERY_FEATURE = {
     "geglu": dict(activation="gelu_tanh", gated=True),
     "reglu": dict(activation="relu", gated=True),
     "carved_unit": dict(scoring="unit", top_k=3, activation="gelu"),
+    "carved_unit_relu": dict(scoring="unit", top_k=2, num_experts=8),
+    "carved_unit_swiglu_k3": dict(scoring="unit", top_k=3, activation="silu", gated=True),
+    "carved_unit_renormalized": dict(scoring="unit", top_k=2, renormalize=True, gate_scale=1.5),
     "sigmoid": dict(scoring="sigmoid", renormalize=True),
+    "sigmoid_unnormalized": dict(scoring="sigmoid", activation="silu", gated=True, gate_scale=2.0),
     "dynamic_k": dict(top_k=3, top_p=0.6, min_k=1),
     "zero_computation": dict(num_zero=1, num_copy=1, num_const=1, top_k=3, renormalize=True),
 }
 CONTRIB_EXPRESSIBLE = ("relu", "silu_renormalized", "gelu_tanh", "swiglu", "gate_scale_no_bias", "pre_gating",
-                       "top_1")
+                       "top_1", "carved_unit_relu", "carved_unit_swiglu_k3", "carved_unit_renormalized", "sigmoid",
+                       "sigmoid_unnormalized")
 
 
 class Stack(nn.Module):
@@ -94,10 +103,11 @@ class Stack(nn.Module):
         return x
 
 
-def test_standard_ops_match_pytorch_for_every_contract_feature(tmp_path):
+@pytest.mark.parametrize("target", ["standard", "standard-dense"])
+def test_standard_ops_match_pytorch_for_every_contract_feature(target, tmp_path):
     model = Stack(EVERY_FEATURE.values()).eval()
-    report = export_onnx(model, inputs(*EXAMPLE), tmp_path / "m.onnx", target="standard")
-    assert [layer.target for layer in report.layers] == ["standard"] * len(EVERY_FEATURE)
+    report = export_onnx(model, inputs(*EXAMPLE), tmp_path / "m.onnx", target=target)
+    assert [layer.target for layer in report.layers] == [target] * len(EVERY_FEATURE)
     assert not any(op.startswith("com.microsoft::") for op in report.node_counts)
     assert report.max_abs_error <= 1e-4
     assert_matches_pytorch(tmp_path / "m.onnx", model)
@@ -120,7 +130,6 @@ def config(**overrides) -> MoEConfig:
 
 
 @pytest.mark.parametrize("overrides, attribute", [
-    (dict(scoring="unit"), "scoring='unit'"), (dict(scoring="sigmoid"), "scoring='sigmoid'"),
     (dict(top_p=0.6), "top_p=0.6"), (dict(num_zero=1), "num_zero=1"), (dict(num_const=2), "num_const=2"),
     (dict(gated=False, activation="gelu"), "activation='gelu'"), (dict(activation="relu"), "activation='relu'"),
     (dict(dtype="DOUBLE"), "dtype DOUBLE")])
@@ -132,22 +141,26 @@ def test_contrib_blocker_accepts_what_the_op_expresses():
     assert contrib_blocker(config(), approximate=False) is None
     assert contrib_blocker(config(gate_scale=2.0, has_b_in=False), approximate=False) is None
     assert contrib_blocker(config(gated=False, activation="gelu"), approximate=True) is None
+    assert contrib_blocker(config(scoring="unit", renormalize=False), approximate=False) is None
+    assert contrib_blocker(config(scoring="sigmoid"), approximate=False) is None
 
 
-def test_carved_layer_with_target_onnxruntime_is_a_clear_error(tmp_path):
-    model = Stack([EVERY_FEATURE["swiglu"], EVERY_FEATURE["carved_unit"]]).eval()
-    with pytest.raises(UnsupportedLayerError, match="MoE layer 1 .*scoring='unit'.*target='standard'"):
+def test_dynamic_k_layer_with_target_onnxruntime_is_a_clear_error(tmp_path):
+    model = Stack([EVERY_FEATURE["swiglu"], EVERY_FEATURE["dynamic_k"]]).eval()
+    with pytest.raises(UnsupportedLayerError, match="MoE layer 1 .*top_p=0.6.*target='standard'"):
         export_onnx(model, inputs(*EXAMPLE), tmp_path / "m.onnx", target="onnxruntime")
 
 
 def test_auto_follows_the_probe_per_layer(tmp_path):
-    """auto: contrib where expressible and the installed onnxruntime agrees (GEGLU depends on the build)."""
-    names = ("swiglu", "carved_unit", "geglu")
+    """auto: contrib where expressible and the installed onnxruntime agrees (GEGLU depends on the build);
+    dynamic-k and zero-computation layers fall back to sparse standard ops, with the reason reported."""
+    names = ("swiglu", "carved_unit_relu", "dynamic_k", "geglu", "zero_computation")
     model = Stack(EVERY_FEATURE[name] for name in names).eval()
     report = export_onnx(model, inputs(*EXAMPLE), tmp_path / "m.onnx", target="auto")
-    geglu_runs = probe_contrib(report.layers[2].config, approximate=False).ok
-    expected = ["onnxruntime", "standard", "onnxruntime" if geglu_runs else "standard"]
+    geglu_runs = probe_contrib(report.layers[3].config, approximate=False).ok
+    expected = ["onnxruntime", "onnxruntime", "standard", "onnxruntime" if geglu_runs else "standard", "standard"]
     assert [layer.target for layer in report.layers] == expected, [layer.reason for layer in report.layers]
+    assert "top_p=0.6" in report.layers[2].reason and "zero-computation" in report.layers[4].reason
     assert report.node_counts[CONTRIB] == expected.count("onnxruntime")
     assert_matches_pytorch(tmp_path / "m.onnx", model)
 
@@ -162,10 +175,44 @@ def test_exact_gelu_goes_to_contrib_only_when_asked_and_reports_the_deviation(tm
     assert "approximation" in str(approx)
 
 
-def test_standard_graph_does_not_grow_with_the_number_of_experts(tmp_path):
+def test_dense_standard_graph_does_not_grow_with_the_number_of_experts(tmp_path):
     counts = [export_onnx(OneLayer(num_experts=e, activation="silu", gated=True).eval(), inputs(*EXAMPLE),
-                          tmp_path / f"{e}.onnx", target="standard", verify=False).node_counts for e in (4, 32)]
+                          tmp_path / f"{e}.onnx", target="standard-dense", verify=False).node_counts for e in (4, 32)]
     assert counts[0] == counts[1]
+
+
+def test_sparse_standard_graph_grows_by_a_few_nodes_per_expert(tmp_path):
+    counts = [sum(export_onnx(OneLayer(num_experts=e, bias=False).eval(), inputs(*EXAMPLE), tmp_path / f"{e}.onnx",
+                              target="standard", verify=False).node_counts.values()) for e in (4, 12)]
+    assert counts[1] - counts[0] == 8 * SPARSE_NODES_PER_EXPERT
+
+
+def test_sparse_standard_computes_only_the_chosen_experts_rows(tmp_path):
+    """Each expert's first MatMul sees exactly the tokens routed to it (an intermediate output of the graph)."""
+    model = OneLayer(num_experts=6, top_k=2, bias=False).eval()
+    path = tmp_path / "m.onnx"
+    export_onnx(model, inputs(*EXAMPLE), path, target="standard", verify=False)
+    graph = onnx.load(path)
+    first_matmuls = [n.output[0] for n in graph.graph.node if n.op_type == "MatMul"][1::2][:6]  # router MatMul first
+    graph.graph.output.extend(onnx.helper.make_empty_tensor_value_info(name) for name in first_matmuls)
+    x, route_from = inputs(3, 5)
+    session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+    rows = [out.shape[0] for out in session.run(first_matmuls, {"x": x.numpy(), "route_from": route_from.numpy()})]
+    ids = torch.topk(x.reshape(-1, HIDDEN) @ model.w_router.T, 2).indices
+    assert rows == torch.bincount(ids.flatten(), minlength=6).tolist()
+    assert sum(rows) == 2 * 15
+
+
+def test_sparse_standard_runs_in_the_onnx_reference_evaluator(tmp_path):
+    names = ("swiglu", "carved_unit_relu", "sigmoid_unnormalized", "dynamic_k", "zero_computation")
+    model = Stack(EVERY_FEATURE[name] for name in names).eval()
+    export_onnx(model, inputs(*EXAMPLE), tmp_path / "m.onnx", target="standard", verify=False)
+    evaluator = ReferenceEvaluator(str(tmp_path / "m.onnx"))
+    for shape in CHECK_SHAPES:
+        x, route_from = inputs(*shape)
+        (actual,) = evaluator.run(None, {"x": x.numpy(), "route_from": route_from.numpy()})
+        err = (torch.from_numpy(actual) - model(x, route_from).detach()).abs().max().item()
+        assert err <= 1e-4, f"max abs error {err:.2e} at batch, seq = {shape}"
 
 
 def test_fp16_model_exports_with_fp32_accumulation(tmp_path):
@@ -179,8 +226,29 @@ def test_fp16_model_exports_with_fp32_accumulation(tmp_path):
     assert err < 1e-2
 
 
-def test_bad_target_and_size_one_dynamic_axis_are_clear_errors(tmp_path):
+def test_bad_target_and_empty_dynamic_axis_are_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="target='tensorrt'"):
         export_onnx(OneLayer().eval(), inputs(*EXAMPLE), tmp_path / "m.onnx", target="tensorrt")
-    with pytest.raises(ValueError, match="at least 2"):
-        export_onnx(OneLayer().eval(), inputs(1, 4), tmp_path / "m.onnx")
+    with pytest.raises(ValueError, match="at least one entry"):
+        export_onnx(OneLayer().eval(), inputs(0, 4), tmp_path / "m.onnx")
+
+
+@pytest.mark.parametrize("example", [(1, 4), (1, 1)])
+def test_batch_one_example_exports_with_dynamic_axes(example, tmp_path):
+    model = OneLayer(scoring="unit").eval()
+    report = export_onnx(model, inputs(*example), tmp_path / "m.onnx")
+    assert report.max_abs_error <= 1e-4  # on the batch-1 example itself
+    assert_matches_pytorch(tmp_path / "m.onnx", model)
+
+
+def test_sparse_standard_runs_in_openvino(tmp_path):
+    openvino = pytest.importorskip("openvino")
+    names = ("swiglu", "carved_unit_relu", "sigmoid_unnormalized", "dynamic_k", "zero_computation")
+    model = Stack(EVERY_FEATURE[name] for name in names).eval()
+    export_onnx(model, inputs(1, 4), tmp_path / "m.onnx", target="standard", verify=False)
+    compiled = openvino.Core().compile_model(str(tmp_path / "m.onnx"), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    for shape in CHECK_SHAPES:
+        x, route_from = inputs(*shape)
+        actual = compiled({"x": x.numpy(), "route_from": route_from.numpy()})[compiled.output(0)]
+        err = (torch.from_numpy(actual) - model(x, route_from).detach()).abs().max().item()
+        assert err <= 1e-4, f"max abs error {err:.2e} at batch, seq = {shape}"

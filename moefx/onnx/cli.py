@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-TARGET_CHOICES = ("auto", "onnxruntime", "standard")
+TARGET_CHOICES = ("auto", "onnxruntime", "standard", "standard-dense")
 METHOD_CHOICES = ("split", "coactivation", "upcycle")
 
 
@@ -16,7 +16,8 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
                         help="'minilm' (the bundled all-MiniLM-L6-v2) or a local transformers model directory")
     parser.add_argument("--out", default="model.onnx", help="ONNX file to write")
     parser.add_argument("--target", choices=TARGET_CHOICES, default="auto",
-                        help="com.microsoft.MoE (onnxruntime), standard ONNX ops, or per layer what fits (auto)")
+                        help="com.microsoft.MoE (onnxruntime), sparse standard ONNX ops (standard), every expert "
+                             "densely in standard ops (standard-dense), or per layer what fits (auto)")
     parser.add_argument("--approximate", action="store_true",
                         help="let com.microsoft.MoE's tanh-GELU stand in for exact GELU (the error is reported)")
     parser.add_argument("--no-convert", action="store_true",

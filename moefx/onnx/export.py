@@ -16,11 +16,11 @@ from torch.utils import _pytree as pytree
 
 from moefx.onnx.probe import probe_contrib
 from moefx.op import unflatten, with_op_signature
-from moefx.onnx.translate import (APPROXIMATIONS, MoEConfig, config_of, contrib_blocker, contrib_moe,
-                                  standard_moe)
+from moefx.onnx.translate import (APPROXIMATIONS, MoEConfig, config_of, contrib_blocker, contrib_moe, dense_moe,
+                                  sparse_moe)
 
 log = logging.getLogger(__name__)
-TARGETS = ("auto", "onnxruntime", "standard")
+TARGETS = ("auto", "onnxruntime", "standard", "standard-dense")
 DEFAULT_AXES = ("batch", "sequence")
 
 
@@ -45,6 +45,7 @@ class ExportReport:
     layers: list[LayerExport]
     node_counts: Counter
     max_abs_error: Optional[float] = None
+    notes: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def approximated(self) -> bool:
@@ -52,8 +53,9 @@ class ExportReport:
 
     def __str__(self) -> str:
         lines = [f"{self.path}: {len(self.layers)} MoE layer(s), {sum(self.node_counts.values())} nodes"]
-        lines += [f"  layer {layer.index}: {layer.target:<11} {layer.config.describe()} ({layer.reason})"
+        lines += [f"  layer {layer.index}: {layer.target:<14} {layer.config.describe()} ({layer.reason})"
                   for layer in self.layers]
+        lines += [f"  note: {note}" for note in self.notes]
         if self.max_abs_error is not None:
             approx = " (includes the tanh-GELU approximation you asked for)" if self.approximated else ""
             lines.append(f"  onnxruntime CPU vs PyTorch on the example inputs: max abs error "
@@ -77,11 +79,11 @@ class MoETranslator:
         self.layers.append(LayerExport(len(self.layers), cfg, target, reason, approximated))
         if target == "onnxruntime":
             return contrib_moe(inputs, cfg, self.approximate)
-        return standard_moe(inputs, attrs)
+        return dense_moe(inputs, attrs) if target == "standard-dense" else sparse_moe(inputs, attrs)
 
     def _choose(self, cfg: MoEConfig) -> tuple[str, str]:
-        if self.target == "standard":
-            return "standard", "target='standard'"
+        if self.target in ("standard", "standard-dense"):
+            return self.target, f"target={self.target!r}"
         blocker = contrib_blocker(cfg, self.approximate)
         if blocker is None:
             probe = probe_contrib(cfg, self.approximate)
@@ -91,7 +93,7 @@ class MoETranslator:
         if self.target == "onnxruntime":
             self.error = UnsupportedLayerError(
                 f"MoE layer {len(self.layers)} ({cfg.describe()}) cannot be exported as com.microsoft.MoE: "
-                f"{blocker}. Export it with target='standard' (standard ONNX ops, any runtime) or "
+                f"{blocker}. Export it with target='standard' (sparse standard ONNX ops, any runtime) or "
                 "target='auto' (com.microsoft.MoE where it fits, standard ops elsewhere).")
             raise self.error
         return "standard", blocker
@@ -110,20 +112,29 @@ def export_onnx(
 ) -> ExportReport:
     """Export ``model`` (with moefx MoE layers) to ONNX at ``path``.
 
-    target: "onnxruntime" (each MoE layer one com.microsoft.MoE node; error for a layer it cannot
-    express), "standard" (standard ONNX ops only, any runtime), or "auto" (the contrib op where it
-    is exact and the installed onnxruntime runs it correctly, standard ops elsewhere).
+    target: "onnxruntime" (each MoE layer one com.microsoft.MoE node, unit-gated and sigmoid layers
+    routed in the graph; error for a layer it cannot express: dynamic-k, zero-computation experts),
+    "standard" (standard ONNX ops only, any runtime; only the chosen experts' rows are computed),
+    "standard-dense" (standard ops, every expert computed densely; graph size independent of the
+    number of experts), or "auto" (the contrib op where it is exact and the installed onnxruntime
+    runs it correctly, "standard" elsewhere; each fallback's reason is in the report).
     approximate: let com.microsoft.MoE's tanh-GELU stand in for exact GELU; the report then
     carries the error measured in onnxruntime. example_inputs: positional inputs (a tensor or a
     tuple) or keyword inputs (a dict). dynamic_axes: {input name: {axis: dim name}}; by default
-    axes 0 and 1 of every input are dynamic ("batch", "sequence"). verify: run the file in
-    onnxruntime CPU on the example inputs and record the max abs error against PyTorch.
+    axes 0 and 1 of every input are dynamic ("batch", "sequence"); an example of size 1 along one
+    (one sentence) is exported from a copy doubled along it, since torch.export specializes size-1
+    axes, and the file is then checked on the example itself. A transformers model whose forward takes
+    ``use_cache`` is exported with ``use_cache=False`` unless you pass it: the KV cache is left out of
+    the graph (the report notes it). verify: run the file in onnxruntime CPU on the example inputs
+    and record the max abs error against PyTorch.
     """
     if target not in TARGETS:
         raise ValueError(f"target={target!r} is not one of {TARGETS}")
     args, kwargs = split_inputs(example_inputs)
+    kwargs, notes = without_cache(model, kwargs)
     shapes = dynamic_shapes(model, args, kwargs, dynamic_axes)
-    exported = with_moe_blocks_rewritten(model, args, kwargs, shapes)
+    export_args, export_kwargs = widened(model, args, kwargs, shapes)
+    exported = with_moe_blocks_rewritten(model, export_args, export_kwargs, shapes)
     translator = MoETranslator(target, approximate)
 
     @with_op_signature()
@@ -135,7 +146,7 @@ def export_onnx(
             # torch.onnx notes that inputs sharing a Dim share its name: that is the point of sharing it
             warnings.filterwarnings("ignore", message="# The axis name")
             program = torch.onnx.export(
-                exported, args, kwargs=kwargs, dynamo=True, opset_version=opset, verbose=False,
+                exported, export_args, kwargs=export_kwargs, dynamo=True, opset_version=opset, verbose=False,
                 custom_translation_table={torch.ops.moefx.moe.default: moefx_moe}, dynamic_shapes=shapes)
     except Exception:
         if translator.error is not None:
@@ -143,7 +154,7 @@ def export_onnx(
         raise
     path = Path(path)
     program.save(str(path))
-    report = ExportReport(path, translator.layers, count_nodes(program.model_proto))
+    report = ExportReport(path, translator.layers, count_nodes(program.model_proto), notes=notes)
     if verify:
         report.max_abs_error = max_abs_error(path, model, args, kwargs)
     log.info("%s", report)
@@ -187,6 +198,36 @@ def with_moe_blocks_rewritten(model: torch.nn.Module, args: tuple, kwargs: dict,
     return gm
 
 
+def without_cache(model: torch.nn.Module, kwargs: dict) -> tuple[dict, list[str]]:
+    """``kwargs`` with ``use_cache=False`` added where ``model.forward`` takes ``use_cache`` and the caller did
+    not pass it (transformers decoders return a DynamicCache by default, which is no ONNX tensor), and the
+    report's note saying so when the model's config would have returned a cache."""
+    if "use_cache" in kwargs or "use_cache" not in inspect.signature(model.forward).parameters:
+        return kwargs, []
+    notes = []
+    if getattr(getattr(model, "config", None), "use_cache", False):
+        notes.append("exported with use_cache=False: the KV cache (past_key_values) is neither an input nor an "
+                     "output of the graph")
+    return {**kwargs, "use_cache": False}, notes
+
+
+def widened(model: torch.nn.Module, args: tuple, kwargs: dict, shapes: dict) -> tuple[tuple, dict]:
+    """The inputs with every size-1 dynamic axis doubled (the example repeated along it): torch.export
+    specializes sizes 0 and 1, so a one-sentence example would fix the batch size at 1. Positional inputs
+    stay positional and keyword inputs keyword, in the caller's order (the ONNX inputs follow it)."""
+    signature = inspect.signature(model.forward)
+    values = signature.bind(*args, **kwargs).arguments
+    for name, value in values.items():
+        for axis in (shapes.get(name) or {}):
+            if isinstance(value, torch.Tensor) and value.shape[axis] == 1:
+                value = torch.cat([value, value], dim=axis)
+        values[name] = value
+    positional = [p.name for p in signature.parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    new_args = tuple(values[positional[i]] if i < len(positional) else arg for i, arg in enumerate(args))
+    return new_args, {name: values.get(name, value) for name, value in kwargs.items()}
+
+
 def split_inputs(example_inputs) -> tuple[tuple, dict]:
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,), {}
@@ -210,10 +251,9 @@ def dynamic_shapes(model: torch.nn.Module, args: tuple, kwargs: dict,
             continue
         axes = dict(enumerate(DEFAULT_AXES[:value.dim()])) if dynamic_axes is None else dynamic_axes.get(name, {})
         for axis in axes:
-            if value.shape[axis] < 2:
-                raise ValueError(f"input {name!r} has size {value.shape[axis]} along dynamic axis {axis} "
-                                 f"({axes[axis]!r}); torch.export specializes sizes 0 and 1, so give an "
-                                 "example with at least 2 there")
+            if value.shape[axis] == 0:
+                raise ValueError(f"input {name!r} is empty along dynamic axis {axis} ({axes[axis]!r}); give an "
+                                 "example with at least one entry there (one sentence is enough)")
         shapes[name] = {axis: dims.setdefault(dim, torch.export.Dim(dim)) for axis, dim in axes.items()} or None
     return shapes
 
@@ -240,15 +280,26 @@ def run_onnx(path: Union[str, Path], *args, **kwargs) -> list[torch.Tensor]:
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    flat = [t for t in pytree.tree_leaves((args, kwargs)) if t is not None]
-    feeds = {i.name: t.detach().cpu().numpy() for i, t in zip(session.get_inputs(), flat)}
+    positional = [t for t in pytree.tree_leaves(args) if isinstance(t, torch.Tensor)]
+    named = {k: t for k, t in kwargs.items() if isinstance(t, torch.Tensor)}
+    feeds = {}
+    for graph_input in session.get_inputs():  # keyword inputs by name, the rest in order
+        if graph_input.name in named:
+            value = named.pop(graph_input.name)
+        elif positional:
+            value = positional.pop(0)
+        elif named:
+            value = named.pop(next(iter(named)))
+        else:
+            raise ValueError(f"{path} takes an input {graph_input.name!r} that the given inputs do not provide")
+        feeds[graph_input.name] = value.detach().cpu().numpy()
     return [torch.from_numpy(out) for out in session.run(None, feeds)]
 
 
 def max_abs_error(path: Union[str, Path], model: torch.nn.Module, args: tuple = (), kwargs: Optional[dict] = None
                   ) -> float:
     """Max abs difference between onnxruntime CPU running ``path`` and PyTorch running ``model``."""
-    kwargs = kwargs or {}
+    kwargs, _ = without_cache(model, kwargs or {})
     with torch.no_grad():
         expected = [t for t in pytree.tree_leaves(model(*args, **kwargs)) if isinstance(t, torch.Tensor)]
     actual = run_onnx(path, *args, **kwargs)
