@@ -60,13 +60,16 @@ class Recipe:
     sample_tokens: int = _option(2048, "hidden-activation rows kept per FFN for co-activation clustering")
     fit_tokens: int = _option(16384, "calibration tokens kept per layer for the router fit, compensation and refit")
     seed: int = _option(0, "seed of every random choice (clustering, routers, Drop-Upcycling)")
-    holdout: float = _option(0.2, "share of the calibration sequences (sentences) that the least-squares router "
-                                  "and the refit hold out to choose their ridge strength from a small grid by "
-                                  "held-out error, before solving on all rows (the conversion report shows the "
-                                  "choice); 0 keeps fixed ridges (router 1e-3, refit 1e-2)")
+    holdout: float = _option(0.2, "share of the calibration data held out to choose by: of the sequences "
+                                  "(sentences), for the ridge strength of the least-squares router and the refit "
+                                  "(from a small grid, by held-out error, then solved on all rows; the conversion "
+                                  "report shows the choice), and of the batches, for the state distillation keeps; "
+                                  "0 keeps fixed ridges (router 1e-3, refit 1e-2)")
     active: Optional[float] = _option(None, "the share of each layer's experts a token uses, (num_shared + top_k) "
                                             "/ num_experts (for a carved layer: the share of the dense FFN), "
                                             "instead of top_k: active=0.25 with num_experts=32 is top_k=8")
+    distill_seconds: Optional[float] = _option(None, "time budget of the distillation in seconds (it stops there and "
+                                                     "keeps its best state); None: distill_steps decides")
 
     def __post_init__(self):
         self._resolve_top_k()
@@ -127,6 +130,8 @@ class Recipe:
                 fail(f"{name}={getattr(self, name)} must be a whole number >= 0")
         if self.sample_tokens < 1 or self.fit_tokens < 1:
             fail(f"sample_tokens={self.sample_tokens} and fit_tokens={self.fit_tokens} must be at least 1")
+        if self.distill_seconds is not None and self.distill_seconds <= 0:
+            fail(f"distill_seconds={self.distill_seconds} must be > 0 (or None for no time budget)")
         if not 0 <= self.holdout < 1:
             fail(f"holdout={self.holdout} is the share of calibration sequences held out to choose the ridge; "
                  "pick it in [0, 1) (0.2 by default, 0 for the fixed ridges)")

@@ -285,9 +285,10 @@ def tune_layers(c: Conversion) -> None:
 
 def distill(c: Conversion) -> None:
     """End-to-end distillation of the MoE layers against the dense outputs recorded first (``fit.distill``)."""
-    c.model.moefx_distill = train_moe_layers(c.model, c.run, c.batches, c.teacher, steps=c.recipe.distill_steps,
-                                             lr=1e-4, balance=1e-2, experts=True, seed=c.recipe.seed,
-                                             progress=c.progress)
+    r = c.recipe
+    c.model.moefx_distill = train_moe_layers(c.model, c.run, c.batches, c.teacher, steps=r.distill_steps, lr=1e-4,
+                                             balance=1e-2, experts=True, seed=r.seed, progress=c.progress,
+                                             held_out=r.holdout, max_seconds=r.distill_seconds)
 
 
 def _carved_and_tuned(r: Recipe) -> bool:
