@@ -75,7 +75,7 @@ class ConversionReport:
         if self.skipped:
             lines += [f"not converted ({len(self.skipped)}):"] + [f"  {s}" for s in self.skipped]
         if self.fits:
-            lines += ["fits (ridge chosen on held-out calibration sequences):"] + [f"  {f}" for f in self.fits]
+            lines += ["fits (router and refit of each layer):"] + [f"  {f}" for f in self.fits]
         return "\n".join(lines)
 
 
