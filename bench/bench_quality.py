@@ -15,18 +15,28 @@ experts of the Taylor-most-important neurons; "distilled" trains the routers wit
 (seconds per layer); "KD" adds end-to-end distillation steps against the dense model.
 
     PYTHONPATH=. python bench/bench_quality.py [--calibration 1400] [--eval 300]
+
+``--cross-domain`` prints the other table: the training-free recipe (co-activation split,
+least-squares router, refit), with the ridges fixed and chosen on held-out calibration sentences
+(``Recipe.holdout``), calibrated on each of two real corpora (Python's documentation; the Debian
+package descriptions of ``/var/lib/dpkg/status``) and evaluated on held-out sentences of both, at
+25% and 50% active and 8, 32 and 64 experts, with each conversion's time. ``--quick`` runs it on
+300 calibration / 100 held-out sentences per corpus.
+
+    PYTHONPATH=. python bench/bench_quality.py --cross-domain [--quick]
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import time
 
 import torch
 from torch import nn
 
 import moefx
-from moefx.data import python_doc_sentences
+from moefx.data import debian_package_sentences, python_doc_sentences
 from moefx.demo import load_minilm, sentence_embeddings, tokenize
 from moefx.layer import MoELayer
 from moefx.fit.calibrate import capture_rows
@@ -93,8 +103,50 @@ def train_mlp_routers(model: nn.Module, calibration: list, epochs: int = 20) -> 
     return routers
 
 
+CORPORA = {"python-docs": python_doc_sentences, "debian": debian_package_sentences}
+CROSS_RECIPES = {
+    "fixed ridge": dict(method="coactivation", router="least_squares", refit=True, holdout=0.0),
+    "held-out ridge": dict(method="coactivation", router="least_squares", refit=True, holdout=0.2),
+}
+
+
+def cross_domain(calibration_count: int, eval_count: int, experts: list[int], actives: list[float],
+                 recipes: list[str]) -> None:
+    """Every recipe calibrated on each corpus and scored on held-out sentences of both."""
+    model, tokenizer = load_minilm()
+    evaluation, calibration, dense = {}, {}, {}
+    for name, sentences in CORPORA.items():
+        evaluation[name] = tokenize(tokenizer, sentences(eval_count), 50)
+        calibration[name] = tokenize(tokenizer, sentences(calibration_count, offset=eval_count), 32)
+        dense[name] = sentence_embeddings(model, evaluation[name])
+    print(f"load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}", flush=True)
+    header = (f"{'recipe':<15} {'experts':>7} {'active':>6} {'calibrated on':<13} "
+              + " ".join(f"{'on ' + n:>14}" for n in CORPORA) + f" {'convert s':>9}  ridges chosen (router/refit)")
+    print(header + "\n" + "-" * len(header), flush=True)
+    for active in actives:
+        for num_experts in experts:
+            for recipe in recipes:
+                for source in CORPORA:
+                    start = time.perf_counter()
+                    moe = moefx.convert(model, num_experts, None, calibration[source], active=active,
+                                        progress=False, **CROSS_RECIPES[recipe])
+                    seconds = time.perf_counter() - start
+                    cosines = [(sentence_embeddings(moe, evaluation[n]) * dense[n]).sum(-1).mean().item()
+                               for n in CORPORA]
+                    fits = moe.moefx_report.fits
+                    chosen = " ".join(f"{f.router.ridge:g}/{f.refit.ridge:g}" for f in fits)
+                    print(f"{recipe:<15} {num_experts:>7} {active:>6.0%} {source:<13} "
+                          + " ".join(f"{c:>14.4f}" for c in cosines) + f" {seconds:>9.1f}  {chosen}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--cross-domain", action="store_true", help="the cross-domain table (see the docstring)")
+    parser.add_argument("--quick", action="store_true", help="--cross-domain on 300 calibration / 100 held-out "
+                                                             "sentences per corpus")
+    parser.add_argument("--experts", type=int, nargs="+", default=[8, 32, 64], help="--cross-domain expert counts")
+    parser.add_argument("--active", type=float, nargs="+", default=[0.25, 0.5], help="--cross-domain active shares")
+    parser.add_argument("--recipes", nargs="+", default=list(CROSS_RECIPES), choices=list(CROSS_RECIPES))
     parser.add_argument("--calibration", type=int, default=1400, help="calibration sentences")
     parser.add_argument("--eval", type=int, default=300, help="held-out evaluation sentences")
     parser.add_argument("--top-k", type=int, nargs="+", default=[2, 4], help="routed experts of 8 (2: 25%%, 4: 50%%)")
@@ -102,6 +154,10 @@ def main() -> None:
     parser.add_argument("--distill-steps", type=int, default=200, help="end-to-end KD steps (one batch each)")
     args = parser.parse_args()
     torch.manual_seed(0)
+    if args.cross_domain:
+        calibration, held_out = (300, 100) if args.quick else (min(args.calibration, 1000), args.eval)
+        cross_domain(calibration, held_out, args.experts, args.active, args.recipes)
+        return
     model, tokenizer = load_minilm()
     evaluation = tokenize(tokenizer, python_doc_sentences(args.eval), 50)
     calibration = tokenize(tokenizer, python_doc_sentences(args.calibration, offset=args.eval), 32)

@@ -29,7 +29,8 @@ class Recipe:
 
     num_experts: int = _option(8, "experts per layer, shared ones included; the FFN width must divide by it "
                                   "(method='upcycle': copies of the FFN)")
-    top_k: int = _option(2, "routed experts active per token, besides the num_shared shared ones")
+    top_k: Optional[int] = _option(None, "routed experts active per token, besides the num_shared shared ones "
+                                         "(default 2, or what active= asks for)")
     method: str = _option("split", "'split' (MoEfication: balanced k-means on W_in rows), 'coactivation' (neurons "
                                    "clustered by activation pattern on the calibration data), 'random' "
                                    "(MoEfication's baseline), or 'upcycle' (copies of the FFN; sparse upcycling)")
@@ -59,8 +60,19 @@ class Recipe:
     sample_tokens: int = _option(2048, "hidden-activation rows kept per FFN for co-activation clustering")
     fit_tokens: int = _option(16384, "calibration tokens kept per layer for the router fit, compensation and refit")
     seed: int = _option(0, "seed of every random choice (clustering, routers, Drop-Upcycling)")
+    holdout: float = _option(0.2, "share of the calibration data held out to choose by: of the sequences "
+                                  "(sentences), for the ridge strength of the least-squares router and the refit "
+                                  "(from a small grid, by held-out error, then solved on all rows; the conversion "
+                                  "report shows the choice), and of the batches, for the state distillation keeps; "
+                                  "0 keeps fixed ridges (router 1e-3, refit 1e-2)")
+    active: Optional[float] = _option(None, "the share of each layer's experts a token uses, (num_shared + top_k) "
+                                            "/ num_experts (for a carved layer: the share of the dense FFN), "
+                                            "instead of top_k: active=0.25 with num_experts=32 is top_k=8")
+    distill_seconds: Optional[float] = _option(None, "time budget of the distillation in seconds (it stops there and "
+                                                     "keeps its best state); None: distill_steps decides")
 
     def __post_init__(self):
+        self._resolve_top_k()
         self._check_types()
         self._check_counts()
         self._check_method()
@@ -68,7 +80,9 @@ class Recipe:
 
     def _check_types(self) -> None:
         for f in dataclasses.fields(self):
-            value, kind = getattr(self, f.name), f.type
+            value, kind = getattr(self, f.name), f.type.removeprefix("Optional[").removesuffix("]")
+            if value is None and f.type.startswith("Optional["):
+                continue
             if kind == "int" and (not isinstance(value, int) or isinstance(value, bool)):
                 fail(f"{f.name}={value!r} must be a whole number" +
                      (f" (int({value!r}))" if isinstance(value, float) and value == int(value) else ""))
@@ -76,6 +90,30 @@ class Recipe:
                 fail(f"{f.name}={value!r} must be a number")
             if kind == "bool" and not isinstance(value, bool):
                 fail(f"{f.name}={value!r} must be True or False")
+
+    def _resolve_top_k(self) -> None:
+        """top_k from active= when given (it must name a whole number of experts), else 2 by default."""
+        if self.active is None:
+            if self.top_k is None:
+                object.__setattr__(self, "top_k", 2)
+            return
+        if isinstance(self.active, bool) or not isinstance(self.active, (int, float)) or not 0 < self.active <= 1:
+            fail(f"active={self.active!r} is the share of each layer's experts a token uses; pick it in (0, 1], "
+                 "e.g. active=0.25")
+        if not isinstance(self.num_experts, int) or not isinstance(self.num_shared, int):
+            return  # _check_types names the bad count
+        top_k = round(self.active * self.num_experts) - self.num_shared
+        choices = {(self.num_shared + k) / self.num_experts: k for k in range(1, self.num_experts - self.num_shared + 1)}
+        if abs(self.active * self.num_experts - round(self.active * self.num_experts)) > 1e-9 or top_k < 1:
+            near = sorted(choices, key=lambda a: abs(a - self.active))[:3]
+            fail(f"active={self.active} is not a whole number of experts out of num_experts={self.num_experts} "
+                 f"(num_shared={self.num_shared} always active, at least 1 routed); the nearest choices are "
+                 + ", ".join(f"active={a:g} (top_k={choices[a]})" for a in sorted(near))
+                 + "; or change num_experts")
+        if self.top_k is not None and self.top_k != top_k:
+            fail(f"active={self.active} means top_k={top_k} with num_experts={self.num_experts} and num_shared="
+                 f"{self.num_shared}, but top_k={self.top_k} was given; pass only one of them")
+        object.__setattr__(self, "top_k", top_k)
 
     def _check_counts(self) -> None:
         if self.num_experts < 1:
@@ -92,6 +130,11 @@ class Recipe:
                 fail(f"{name}={getattr(self, name)} must be a whole number >= 0")
         if self.sample_tokens < 1 or self.fit_tokens < 1:
             fail(f"sample_tokens={self.sample_tokens} and fit_tokens={self.fit_tokens} must be at least 1")
+        if self.distill_seconds is not None and self.distill_seconds <= 0:
+            fail(f"distill_seconds={self.distill_seconds} must be > 0 (or None for no time budget)")
+        if not 0 <= self.holdout < 1:
+            fail(f"holdout={self.holdout} is the share of calibration sequences held out to choose the ridge; "
+                 "pick it in [0, 1) (0.2 by default, 0 for the fixed ridges)")
 
     def _check_method(self) -> None:
         if self.method not in METHODS:

@@ -28,7 +28,9 @@ def test_distill_lowers_the_output_error_and_trains_only_moe_layers():
     frozen = {n: p.detach().clone() for n, p in moe.named_parameters() if ".moe." not in f".{n}"}
     router = [m for m in moe.modules() if isinstance(m, MoELayer)][0].router.weight.detach().clone()
     report = moefx.distill(moe, dense, batches, steps=60, lr=1e-3, progress=False)
-    assert report.steps == 60 and report.error_after < 0.7 * report.error_before
+    assert report.steps == 60 and report.error_after < 0.7 * report.error_before and report.stopped == "steps"
+    assert len(report.held_out) == 1 and report.curve[0] == (0, report.error_before)
+    assert report.error_after == min(error for _, error in report.curve)
     assert all(torch.equal(p, frozen[n]) for n, p in moe.named_parameters() if n in frozen)
     assert all(p.requires_grad for p in moe.parameters())  # flags restored
     assert not moe.training
@@ -64,5 +66,54 @@ def test_distill_errors_name_the_fix():
         moefx.distill(moe, dense, batches, steps=0, progress=False)
     with pytest.raises(ValueError, match="data is empty"):
         moefx.distill(moe, dense, [], progress=False)
+    with pytest.raises(ValueError, match="schedule='step' is not one of"):
+        moefx.distill(moe, dense, batches, schedule="step", progress=False)
+    with pytest.raises(ValueError, match=r"held_out=1.0 .* pick it in \[0, 1\)"):
+        moefx.distill(moe, dense, batches, held_out=1.0, progress=False)
+    with pytest.raises(ValueError, match="max_seconds=0 > 0"):
+        moefx.distill(moe, dense, batches, max_seconds=0, progress=False)
+    with pytest.raises(ValueError, match="distill_seconds=0"):
+        moefx.convert(dense, 8, 2, batches, distill_steps=5, distill_seconds=0, progress=False)
     with pytest.raises(ValueError, match="distill_steps=-1"):
         moefx.convert(dense, 8, 2, batches, distill_steps=-1, progress=False)
+
+
+def _held_out_error(model, dense, batches):
+    with torch.no_grad():
+        return sum(((model(**b).last_hidden_state - dense(**b).last_hidden_state).norm()
+                    / dense(**b).last_hidden_state.norm()).item() for b in batches) / len(batches)
+
+
+def test_a_diverging_learning_rate_ends_no_worse_than_it_started_on_held_out_batches():
+    dense, batches = _tiny_bert()
+    moe = moefx.convert(dense, 8, 2, batches, method="coactivation", router="least_squares", progress=False)
+    start = copy.deepcopy(moe)
+    report = moefx.distill(moe, dense, batches, steps=12, lr=10.0, eval_every=3, progress=False)
+    held = [batches[i] for i in report.held_out]
+    assert report.held_out and max(error for _, error in report.curve[1:]) > 2 * report.error_before  # it diverged
+    assert report.best_step == 0 and report.error_after == report.error_before
+    assert _held_out_error(moe, dense, held) <= _held_out_error(start, dense, held) + 1e-6
+    assert all(torch.equal(p, q) for p, q in zip(moe.parameters(), start.parameters()))  # the start state is back
+
+
+def test_distill_keeps_the_best_state_of_its_held_out_curve():
+    dense, batches = _tiny_bert()
+    moe = moefx.convert(dense, 8, 2, batches, method="coactivation", router="least_squares", progress=False)
+    report = moefx.distill(moe, dense, batches, steps=30, lr=3e-3, eval_every=5, schedule="linear", progress=False)
+    assert [step for step, _ in report.curve] == [0, 5, 10, 15, 20, 25, 30]
+    best_step, best_error = min(report.curve, key=lambda point: point[1])
+    assert (report.best_step, report.error_after) == (best_step, best_error) and best_step > 0
+    with torch.no_grad():  # the model holds the state measured at best_step
+        from moefx.fit.distill import output_error
+        measured = [output_error(moe(**batches[i]).last_hidden_state, dense(**batches[i]).last_hidden_state,
+                                 batches[i]["attention_mask"].bool()).item() for i in report.held_out]
+    assert sum(measured) / len(measured) == pytest.approx(report.error_after, rel=1e-4)
+
+
+def test_distill_stops_at_its_time_budget_and_on_patience():
+    dense, batches = _tiny_bert()
+    moe = moefx.convert(dense, 8, 2, batches, method="coactivation", router="least_squares", progress=False)
+    timed = moefx.distill(copy.deepcopy(moe), dense, batches, steps=10_000, max_seconds=0.5, progress=False)
+    assert timed.stopped == "max_seconds" and timed.steps < 10_000 and timed.curve[-1][0] == timed.steps
+    patient = moefx.distill(moe, dense, batches, steps=200, lr=10.0, eval_every=2, patience=2, progress=False)
+    assert patient.stopped == "patience" and patient.steps == 4 and patient.best_step == 0

@@ -101,5 +101,7 @@ def test_training_free_minilm_at_a_quarter_of_the_ffn_keeps_its_sentence_embeddi
     centroid = moefx.convert(model, 8, 2, calibration, method="coactivation", progress=False)
     fitted = moefx.convert(model, 8, 2, calibration, method="coactivation", router="least_squares", refit=True,
                            progress=False)
-    assert cosine(fitted) >= 0.87  # measured 0.8935 (torch 2.13 CPU); the centroid router 0.564
+    # ridges chosen on held-out sentences (the default holdout=0.2): 0.9014 in bench_quality --cross-domain --quick,
+    # the same data (0.8956 with the fixed ridges, holdout=0); the centroid router 0.564 (torch 2.13 CPU)
+    assert cosine(fitted) >= 0.87
     assert cosine(fitted) >= cosine(centroid) + 0.2

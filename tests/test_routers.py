@@ -7,8 +7,9 @@ from torch import nn
 
 import moefx
 from moefx.layer import MoELayer
-from moefx.fit.refit import compensate, dense_output, expert_hidden, refit
-from moefx.fit.routers import distill_router, least_squares_router, oracle_scores
+from moefx.fit.refit import REFIT_RIDGES, compensate, dense_output, expert_hidden, refit
+from moefx.fit.routers import ROUTER_RIDGES, distill_router, least_squares_router, oracle_scores
+from moefx.fit.validate import held_out_split
 
 
 class FFN(nn.Module):
@@ -44,7 +45,7 @@ def test_distilled_router_recalls_the_oracle_better_than_the_centroid_router():
     layer = copy.deepcopy(_layer(carved))
     x = torch.cat(calibration)
     before = _recall(layer, x)
-    after = distill_router(layer, x)
+    after = distill_router(layer, x).fitted
     assert after == pytest.approx(_recall(layer, x), abs=1e-6)
     assert after > before + 0.2 and after > 0.75
 
@@ -54,7 +55,7 @@ def test_least_squares_router_is_the_ridge_regression_of_the_oracle_choice():
     layer = copy.deepcopy(_layer(moefx.convert(model, 8, 2, calibration, method="coactivation", progress=False)))
     x = torch.cat(calibration)
     before = _recall(layer, x)
-    recall = least_squares_router(layer, x, ridge=1e-9)
+    recall = least_squares_router(layer, x, ridge=1e-9).fitted
     # independent solve: 0/1 oracle membership regressed on [x, 1]
     target = torch.zeros(len(x), 8).scatter_(1, oracle_scores(layer, x).topk(2, -1).indices, 1.0).double()
     features = torch.cat([x, torch.ones(len(x), 1)], 1).double()
@@ -87,21 +88,21 @@ def test_refit_solves_the_least_squares_problem_of_the_output_weights():
     target = dense_output(layer, x)
     with torch.no_grad():
         assert torch.allclose(target, model(x), atol=1e-5)
-    error = refit(layer, x, target, ridge=1e-9)
+    error = refit(layer, x, target, ridge=1e-9).fitted
     # independent solution: y = sum_e g_e (h_e W_e^T + b_e) + b, linear in (W_e, b_e, b)
     gates = layer.expert_gates(x)
     # (the constant column is the sum of the gates over top_k, so it adds nothing to their span)
     features = torch.cat([(expert_hidden(layer, x) * gates[..., None]).reshape(len(x), -1), gates], 1).double()
     weight = 1 / target.double().norm(dim=1, keepdim=True)  # each token's error relative to its target
     solution = torch.linalg.lstsq(features * weight, target.double() * weight, driver="gelsd").solution
-    best = ((features @ solution - target).norm() / target.norm()).item()
+    per_token = lambda y: ((y - target).norm(dim=1) / target.norm(dim=1)).pow(2).mean().sqrt().item()  # noqa: E731
+    best = per_token(features @ solution)
     with torch.no_grad():
         got = layer(x)
     assert error == pytest.approx(best, rel=1e-3)
-    assert ((got - target).norm() / target.norm()).item() == pytest.approx(best, rel=1e-3)
+    assert per_token(got) == pytest.approx(best, rel=1e-3)
     unweighted = torch.linalg.lstsq(features, target.double(), driver="gelsd").solution
-    per_token = lambda s: ((features @ s - target).norm(dim=1) / target.norm(dim=1)).pow(2).mean()  # noqa: E731
-    assert per_token(solution) < per_token(unweighted)
+    assert per_token(features @ solution) < per_token(features @ unweighted)
 
 
 def test_tuned_conversion_beats_the_plain_one_and_is_exact_with_all_experts():
@@ -139,3 +140,78 @@ def test_bad_router_options_name_the_fix():
         moefx.convert(model, 8, 2, calibration, compensate=True, progress=False)
     with pytest.raises(ValueError, match="method='upcycle'"):
         moefx.convert(model, 8, 2, calibration, method="upcycle", router="distilled", progress=False)
+
+
+def _sentences(count=24, length=16, seed=0):
+    """[count * length, 16] rows of ``count`` sequences whose tokens share a per-sequence offset (the way a
+    sentence's tokens share its context), and their sequence ids."""
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(count, 1, 16, generator=g) + 0.5 * torch.randn(count, length, 16, generator=g)).reshape(-1, 16)
+    return x, torch.arange(count).repeat_interleave(length)
+
+
+def test_held_out_split_takes_whole_sequences():
+    _, ids = _sentences()
+    held = held_out_split(ids, 0.25, seed=3)
+    assert held.sum() == 6 * 16
+    for sequence in ids.unique():
+        assert held[ids == sequence].all() or not held[ids == sequence].any()
+    assert held_out_split(ids, 0.0, 0) is None and held_out_split(torch.zeros(5, dtype=torch.long), 0.5, 0) is None
+    assert not torch.equal(held, held_out_split(ids, 0.25, seed=4))
+
+
+def test_least_squares_router_picks_the_ridge_of_best_held_out_recall_then_solves_on_all_rows():
+    model, _ = _model_and_data()
+    x, ids = _sentences()
+    carved = copy.deepcopy(_layer(moefx.convert(model, 8, 2, [x], method="coactivation", progress=False)))
+    held = held_out_split(ids, 0.25, seed=0)
+    fit = least_squares_router(copy.deepcopy(carved), x, held_out=held)
+    # each grid entry is the held-out recall of an independent fit on the other rows
+    for ridge in ROUTER_RIDGES:
+        alone = copy.deepcopy(carved)
+        least_squares_router(alone, x[~held], ridge=ridge)
+        assert fit.grid[ridge] == pytest.approx(_recall(alone, x[held]), abs=1e-6)
+    assert fit.held_out == max(fit.grid.values()) == fit.grid[fit.ridge]
+    # and the layer keeps the fit on all rows at that ridge
+    chosen, on_all = copy.deepcopy(carved), copy.deepcopy(carved)
+    fit = least_squares_router(chosen, x, held_out=held)
+    assert fit.fitted == least_squares_router(on_all, x, ridge=fit.ridge).fitted
+    assert torch.equal(chosen.router.weight, on_all.router.weight)
+
+
+def test_refit_picks_the_ridge_of_least_held_out_error_then_solves_on_all_rows():
+    model, _ = _model_and_data()
+    x, ids = _sentences()
+    carved = _layer(moefx.convert(model, 8, 2, [x], method="split", progress=False))
+    target = dense_output(carved, x)
+    held = held_out_split(ids, 0.25, seed=0)
+    chosen = copy.deepcopy(carved)
+    fit = refit(chosen, x, target, held_out=held)
+    per_token = lambda y, t: ((y - t).norm(dim=1) / t.norm(dim=1)).pow(2).mean().sqrt().item()  # noqa: E731
+    for ridge in REFIT_RIDGES:
+        alone = copy.deepcopy(carved)
+        refit(alone, x[~held], target[~held], ridge=ridge)
+        with torch.no_grad():
+            assert fit.grid[ridge] == pytest.approx(per_token(alone(x[held]), target[held]), rel=1e-3)
+    assert fit.held_out == min(fit.grid.values()) == fit.grid[fit.ridge]
+    on_all = copy.deepcopy(carved)
+    assert fit.fitted == pytest.approx(refit(on_all, x, target, ridge=fit.ridge).fitted, rel=1e-6)
+    assert torch.allclose(chosen.w_out, on_all.w_out, atol=1e-6)
+
+
+def test_conversion_report_shows_each_layers_chosen_ridges_and_held_out_scores():
+    model, _ = _model_and_data()
+    x, _ = _sentences()
+    sentences = [x.reshape(24, 16, 16)[i:i + 8] for i in range(0, 24, 8)]  # 3 batches of 8 sentences
+    moe = moefx.convert(model, 8, 2, sentences, method="coactivation", router="least_squares", refit=True,
+                        progress=False)
+    fits = moe.moefx_report.fits
+    assert len(fits) == 1 and fits[0].rows == 24 * 16 and fits[0].held_out_sequences == round(0.2 * 24)
+    assert fits[0].router.ridge in ROUTER_RIDGES and fits[0].refit.ridge in REFIT_RIDGES
+    assert 0 < fits[0].router.held_out <= 1 and fits[0].refit.held_out > 0
+    text = str(moe.moefx_report)
+    assert f"ridge {fits[0].router.ridge:g}" in text and f"held-out recall {fits[0].router.held_out:.4f}" in text
+    fixed = moefx.convert(model, 8, 2, sentences, method="coactivation", router="least_squares", refit=True,
+                          holdout=0.0, progress=False).moefx_report.fits[0]
+    assert fixed.held_out_sequences == 0 and fixed.router.ridge == 1e-3 and fixed.refit.ridge == 1e-2
+    assert fixed.router.held_out is None and "no held-out split" in str(fixed)

@@ -27,6 +27,7 @@ from moefx.fit.distill import teacher_outputs, train_moe_layers
 from moefx.fit.importance import taylor_importance
 from moefx.fit.refit import compensate, dense_output, refit
 from moefx.fit.routers import FITTED_ROUTERS, representative_router
+from moefx.fit.validate import Fit, held_out_split
 from moefx.layer import MoELayer
 from moefx.recipe import Recipe
 from moefx.runtime import call_model, run_batch
@@ -44,17 +45,38 @@ class LayerOrigin:
 
 
 @dataclass
+class LayerFits:
+    """How one MoE layer was tuned: the router fit and the refit, each with the ridge chosen on the
+    calibration sequences held out (``Recipe.holdout``) and its held-out score."""
+
+    ffn: str                   # the dense FFN the layer replaced
+    rows: int                  # calibration rows (tokens) fitted
+    held_out_sequences: int    # sequences (sentences) held out to choose the ridges; 0: fixed ridges
+    router: Optional[Fit] = None
+    refit: Optional[Fit] = None
+
+    def __str__(self) -> str:
+        held = (f"{self.held_out_sequences} sequences held out" if self.held_out_sequences else "no held-out split")
+        return "; ".join([f"{self.ffn} ({self.rows} rows, {held})"]
+                         + [str(fit) for fit in (self.router, self.refit) if fit is not None])
+
+
+@dataclass
 class ConversionReport:
-    """What ``convert`` did: the FFNs it rewrote and, by name, what it could not convert and why."""
+    """What ``convert`` did: the FFNs it rewrote, by name what it could not convert and why, and how each
+    layer's router and refit were fitted."""
 
     converted: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     layers: list[LayerOrigin] = field(default_factory=list)
+    fits: list[LayerFits] = field(default_factory=list)
 
     def __str__(self) -> str:
         lines = [f"converted {len(self.converted)} FFN(s)"] + [f"  {n}" for n in self.converted]
         if self.skipped:
             lines += [f"not converted ({len(self.skipped)}):"] + [f"  {s}" for s in self.skipped]
+        if self.fits:
+            lines += ["fits (router and refit of each layer):"] + [f"  {f}" for f in self.fits]
         return "\n".join(lines)
 
 
@@ -240,28 +262,34 @@ def tune_layers(c: Conversion) -> None:
     with tqdm(total=len(order), desc="moefx tune", disable=not c.progress) as bar:
         for index in order:
             layer, name = layers[int(index)], names[int(index)]
-            rows = capture_rows(layer, c.batches, c.run, r.fit_tokens, arguments=2 if r.pregate else 1)
+            *rows, sequences = capture_rows(layer, c.batches, c.run, r.fit_tokens, arguments=2 if r.pregate else 1)
             x, routed_from = rows[0], (rows[1] if r.pregate else None)
             bar.update(1)
             if layer.top_k >= layer.num_experts:  # every expert runs: the layer is exact as it is
                 continue
+            held_out = held_out_split(sequences, r.holdout, r.seed + int(index))
+            fits = LayerFits(name, x.shape[0], 0 if held_out is None else len(sequences[held_out].unique()))
             dense = dense_output(layer, x)
             if r.compensate or r.refit:
                 compensate(layer, x)
             if r.fitted_router:
-                recall = FITTED_ROUTERS[r.router](layer, x, seed=r.seed, router_input=routed_from)
-                log.debug("moefx: %s %s router recall %.3f", name, r.router, recall)
+                fits.router = FITTED_ROUTERS[r.router](layer, x, seed=r.seed, router_input=routed_from,
+                                                       held_out=held_out)
                 if r.compensate or r.refit:
                     compensate(layer, x)
             if r.refit:
-                log.debug("moefx: %s refit relative error %.4f", name, refit(layer, x, dense))
+                fits.refit = refit(layer, x, dense, held_out=held_out)
+            if fits.router or fits.refit:
+                log.debug("moefx: %s", fits)
+                c.report.fits.append(fits)
 
 
 def distill(c: Conversion) -> None:
     """End-to-end distillation of the MoE layers against the dense outputs recorded first (``fit.distill``)."""
-    c.model.moefx_distill = train_moe_layers(c.model, c.run, c.batches, c.teacher, steps=c.recipe.distill_steps,
-                                             lr=1e-4, balance=1e-2, experts=True, seed=c.recipe.seed,
-                                             progress=c.progress)
+    r = c.recipe
+    c.model.moefx_distill = train_moe_layers(c.model, c.run, c.batches, c.teacher, steps=r.distill_steps, lr=1e-4,
+                                             balance=1e-2, experts=True, seed=r.seed, progress=c.progress,
+                                             held_out=r.holdout, max_seconds=r.distill_seconds)
 
 
 def _carved_and_tuned(r: Recipe) -> bool:

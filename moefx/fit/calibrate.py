@@ -76,18 +76,21 @@ class _Captured(Exception):
 def capture_rows(module: nn.Module, batches: Iterable[Any], run: Callable[[Any], Any], limit: int,
                  arguments: int = 1) -> list[Tensor]:
     """Rows of ``module``'s first ``arguments`` positional inputs over the calibration batches, at most
-    ``limit`` (fp32), row t of each the same token (a pre-gated MoE layer: its FFN input and router input).
+    ``limit`` (fp32), row t of each the same token (a pre-gated MoE layer: its FFN input and router input),
+    then one more column: the [T] index of the sequence each row came from (``sequence_ids``).
 
     Each forward stops at ``module``. Rows that are padding (a dict batch whose ``attention_mask``
     has one entry per row) are left out, so fits see only real tokens."""
     rows: list[list[Tensor]] = []
-    current: dict[str, Any] = {"batch": None}
+    current: dict[str, Any] = {"batch": None, "sequences": 0}
 
     def hook(mod, args):
         if len(args) < arguments or any(a is None for a in args[:arguments]):
             raise ValueError(f"moefx: {type(mod).__name__} was called with fewer than {arguments} tensor inputs")
         tokens = args[0].reshape(-1, args[0].shape[-1]).shape[0]
         flats = [a.detach().reshape(tokens, -1).float() for a in args[:arguments]]
+        flats.append(sequence_ids(args[0].shape, current["sequences"]))
+        current["sequences"] = int(flats[-1].max()) + 1
         keep = token_mask(current["batch"], flats[0].shape)
         if keep is not None:
             flats = [f[keep] for f in flats]
@@ -107,3 +110,13 @@ def capture_rows(module: nn.Module, batches: Iterable[Any], run: Callable[[Any],
     if not rows:
         raise ValueError("moefx: the calibration batches never reach an MoE layer; check that they are model inputs")
     return [torch.cat(column)[:limit] for column in zip(*rows)]
+
+
+def sequence_ids(shape: torch.Size, first: int) -> Tensor:
+    """[tokens] the sequence of each row of an input of ``shape`` [..., H] flattened to rows: the index along
+    the leading dimension of a [sequences, length, H] input (a sentence of a batch), counted from ``first``;
+    a [tokens, H] input is one sequence."""
+    tokens = shape[:-1].numel()
+    count = shape[0] if len(shape) >= 3 else 1
+    return first + torch.arange(count).repeat_interleave(tokens // count)
+

@@ -6,10 +6,12 @@ converted model's output matches the dense model's on the calibration inputs (Hi
 gradient reaches the experts through the op's analytic backward. Carved layers gate with "unit"
 scoring, whose forward weight is the constant 1, so ``MoELayer`` passes its router a
 straight-through sigmoid-gate gradient while training; a Switch-Transformer load-balancing loss
-(Fedus et al. 2022) keeps the experts' shares of the tokens even.
+(Fedus et al. 2022) keeps the experts' shares of the tokens even. A few calibration batches make
+many epochs, so training is early-stopped on held-out batches and keeps its best state.
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional
@@ -24,17 +26,26 @@ from moefx.runtime import call_model, hooks, output_tensor, token_mask
 
 @dataclass
 class DistillReport:
-    """What ``distill`` did: steps run, seconds, and the relative output error before and after."""
+    """What ``distill`` did: the steps run and why it stopped, and the relative output error on the held-out
+    batches (``held_out``, indices into the data) along the way. The model keeps its best state, so
+    ``error_after`` (the error at ``best_step``, 0 = untrained) is never above ``error_before``."""
 
     steps: int
     seconds: float
     error_before: float
     error_after: float
-    losses: list[float] = field(default_factory=list)
+    best_step: int
+    stopped: str                                   # "steps", "max_seconds" or "patience"
+    held_out: list[int]                            # the batches never trained on (empty: too few batches)
+    curve: list[tuple[int, float]] = field(default_factory=list)   # (step, held-out error)
+    losses: list[float] = field(default_factory=list)              # training loss per step
 
     def __str__(self) -> str:
-        return (f"distilled {self.steps} steps in {self.seconds:.0f} s: relative output error "
-                f"{self.error_before:.4f} -> {self.error_after:.4f}")
+        on = f"{len(self.held_out)} held-out batches" if self.held_out else "the training batches (too few to hold out)"
+        curve = " ".join(f"{step}:{error:.4f}" for step, error in self.curve)
+        return (f"distilled {self.steps} steps in {self.seconds:.0f} s (stopped by {self.stopped}); relative output "
+                f"error on {on} {self.error_before:.4f} -> {self.error_after:.4f} (best state, step "
+                f"{self.best_step}); curve {curve}")
 
 
 def teacher_outputs(run: Callable[[Any], Any], batches: list) -> list[Tensor]:
@@ -62,29 +73,46 @@ def balance_loss(layer: MoELayer, x: Tensor) -> Tensor:
     return E * (share * logits.softmax(-1).mean(0)).sum()
 
 
+SCHEDULES = ("cosine", "linear", "constant")
+
+
 def distill(moe: nn.Module, dense: nn.Module, data: Iterable[Any], *, steps: int = 200, lr: float = 1e-4,
-            balance: float = 1e-2, experts: bool = True, seed: int = 0, progress: bool = True) -> DistillReport:
+            balance: float = 1e-2, experts: bool = True, seed: int = 0, progress: bool = True,
+            schedule: str = "cosine", held_out: float = 0.2, eval_every: Optional[int] = None,
+            patience: Optional[int] = None, max_seconds: Optional[float] = None) -> DistillReport:
     """Train the MoE layers of the converted ``moe`` in place so that its output matches ``dense``'s on
-    ``data`` (model inputs, as ``convert``'s calibration): ``steps`` Adam steps of one batch each.
-    ``experts=False`` trains the routers only. Returns the steps, seconds and output error before/after."""
+    ``data`` (model inputs, as ``convert``'s calibration), one batch per step, and keep the best state.
+
+    One Adam optimiser runs all ``steps``, its learning rate warmed up over the first 5% of them and
+    then decayed to 0 by ``schedule`` ('cosine', 'linear' or 'constant'). A share ``held_out`` of the
+    batches (at least one when there are two) is never trained on: the output error on them is
+    measured before training and every ``eval_every`` steps (default: once per pass over the training
+    batches), and the model ends in the state of the lowest such error, the start included, so it
+    never ends worse on them than it started. Training stops after ``steps``, after ``max_seconds``,
+    or after ``patience`` measurements without improvement. ``experts=False`` trains the routers only.
+    Returns a ``DistillReport`` with the held-out curve."""
     batches = list(data)
     if not batches:
         raise ValueError("moefx.distill: data is empty; pass the calibration batches (model inputs)")
     targets = teacher_outputs(lambda b: call_model(dense, b), batches)
     return train_moe_layers(moe, lambda b: call_model(moe, b), batches, targets, steps=steps, lr=lr, balance=balance,
-                            experts=experts, seed=seed, progress=progress)
+                            experts=experts, seed=seed, progress=progress, schedule=schedule, held_out=held_out,
+                            eval_every=eval_every, patience=patience, max_seconds=max_seconds)
 
 
 def train_moe_layers(model: nn.Module, run: Callable[[Any], Any], batches: list, targets: list[Tensor], *, steps: int,
-                     lr: float, balance: float, experts: bool, seed: int, progress: bool) -> DistillReport:
-    """Train the MoE layers of ``model`` for ``steps`` Adam steps (one batch each) so that the output
-    tensor of ``run(batch)`` matches ``targets``; with ``experts=False`` only the routers learn."""
-    if steps < 1 or lr <= 0 or balance < 0:
-        raise ValueError(f"moefx.distill: needs steps >= 1, lr > 0 and balance >= 0; got steps={steps}, lr={lr}, "
-                         f"balance={balance}")
+                     lr: float, balance: float, experts: bool, seed: int, progress: bool, schedule: str = "cosine",
+                     held_out: float = 0.2, eval_every: Optional[int] = None, patience: Optional[int] = None,
+                     max_seconds: Optional[float] = None) -> DistillReport:
+    """``distill`` on ``targets``, the output tensors ``run(batch)`` should give (see ``distill``)."""
+    _check(steps, lr, balance, schedule, held_out, eval_every, patience, max_seconds)
     layers = [m for m in model.modules() if isinstance(m, MoELayer)]
     if not layers:
         raise ValueError("moefx.distill: the model has no MoELayer; convert it first with moefx.convert")
+    held = _held_out_batches(len(batches), held_out, seed)
+    train = [i for i in range(len(batches)) if i not in held]
+    check = held or train
+    every = eval_every or len(train)
     trained = [p for layer in layers for name, p in layer.named_parameters()
                if experts or name.startswith("router.")]
     frozen = {p: p.requires_grad for p in model.parameters()}
@@ -93,22 +121,31 @@ def train_moe_layers(model: nn.Module, run: Callable[[Any], Any], batches: list,
     keep_input = [lambda layer=layer: layer.register_forward_pre_hook(lambda mod, args: inputs.__setitem__(mod, args[0]))
                   for layer in layers]
     start = time.perf_counter()
+
+    def held_out_error() -> float:
+        for layer in layers:
+            layer.eval()
+        error = _mean_error(run, [batches[i] for i in check], [targets[i] for i in check])
+        for layer in layers:
+            layer.train()  # the straight-through router gradient of unit gates
+        return error
+
     try:
         for p in model.parameters():
             p.requires_grad_(False)
         for p in trained:
             p.requires_grad_(True)
         model.eval()  # dropout stays off: the targets come from the dense model in eval mode
-        for layer in layers:
-            layer.train()  # the straight-through router gradient of unit gates
-        before = _mean_error(run, batches, targets)
+        before = held_out_error()
+        curve, best = [(0, before)], (before, 0, [p.detach().clone() for p in trained])
         optimiser = torch.optim.Adam(trained, lr=lr)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, _schedule(schedule, steps))
         order = torch.Generator().manual_seed(seed)
-        losses = []
+        losses, stopped, step = [], "steps", 0
         bar = tqdm(total=steps, desc="moefx distill", disable=not progress)
         with hooks(*keep_input), torch.enable_grad(), bar:
-            for step in range(steps):
-                i = int(torch.randint(len(batches), (1,), generator=order))
+            for step in range(1, steps + 1):
+                i = train[int(torch.randint(len(train), (1,), generator=order))]
                 out = output_tensor(run(batches[i]))
                 loss = output_error(out, targets[i], token_mask(batches[i], out.shape))
                 if balance:
@@ -117,16 +154,67 @@ def train_moe_layers(model: nn.Module, run: Callable[[Any], Any], batches: list,
                 optimiser.zero_grad(set_to_none=True)
                 loss.backward()
                 optimiser.step()
+                scheduler.step()
                 losses.append(loss.item())
                 bar.update(1)
+                out_of_time = max_seconds is not None and time.perf_counter() - start >= max_seconds
+                if step % every == 0 or step == steps or out_of_time:
+                    with torch.no_grad():
+                        curve.append((step, held_out_error()))
+                    if curve[-1][1] < best[0]:
+                        best = (curve[-1][1], step, [p.detach().clone() for p in trained])
+                    elif patience is not None and step - best[1] >= patience * every:
+                        stopped = "patience"
+                        break
+                if out_of_time:
+                    stopped = "max_seconds"
+                    break
+        with torch.no_grad():
+            for p, value in zip(trained, best[2]):
+                p.copy_(value)
         for layer in layers:
             layer.eval()
-        after = _mean_error(run, batches, targets)
     finally:
         for p, flag in frozen.items():
             p.requires_grad_(flag)
         model.train(was_training)
-    return DistillReport(steps, time.perf_counter() - start, before, after, losses)
+    return DistillReport(step, time.perf_counter() - start, before, best[0], best[1], stopped, held, curve, losses)
+
+
+def _check(steps, lr, balance, schedule, held_out, eval_every, patience, max_seconds) -> None:
+    if steps < 1 or lr <= 0 or balance < 0:
+        raise ValueError(f"moefx.distill: needs steps >= 1, lr > 0 and balance >= 0; got steps={steps}, lr={lr}, "
+                         f"balance={balance}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"moefx.distill: schedule={schedule!r} is not one of {SCHEDULES}")
+    if not 0 <= held_out < 1:
+        raise ValueError(f"moefx.distill: held_out={held_out} is the share of batches kept out of training to pick "
+                         "the best state; pick it in [0, 1) (0.2 by default)")
+    if (eval_every is not None and eval_every < 1) or (patience is not None and patience < 1) \
+            or (max_seconds is not None and max_seconds <= 0):
+        raise ValueError(f"moefx.distill: eval_every={eval_every} and patience={patience} must be whole numbers >= 1 "
+                         f"and max_seconds={max_seconds} > 0 (or None for no limit)")
+
+
+def _held_out_batches(count: int, share: float, seed: int) -> list[int]:
+    """Indices of about ``share`` of ``count`` batches (at least one when share > 0 and count >= 2, and
+    at least one batch left to train on), drawn with ``seed``."""
+    held = min(max(round(share * count), 1 if share > 0 else 0), count - 1)
+    return sorted(torch.randperm(count, generator=torch.Generator().manual_seed(seed))[:held].tolist())
+
+
+def _schedule(kind: str, steps: int) -> Callable[[int], float]:
+    """The learning-rate factor after each step: linear warm-up over 5% of the steps, then ``kind`` to 0."""
+    warmup = max(1, steps // 20)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, steps - warmup)
+        if kind == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * progress))
+        return 1 - progress if kind == "linear" else 1.0
+    return factor
 
 
 def _mean_error(run, batches, targets) -> float:

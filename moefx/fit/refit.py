@@ -10,13 +10,17 @@
   reconstruction, applied to MoEfication's experts). The ridge pulls towards the carved weights.
   Each token's error counts relative to its dense output's norm: the few tokens with massive
   FFN outputs (BERT's [SEP] and punctuation; Sun et al. 2024) would otherwise decide the fit,
-  which in all-MiniLM-L6-v2's first layer costs more downstream than it gains.
+  which in all-MiniLM-L6-v2's first layer costs more downstream than it gains. Its ridge strength
+  can be chosen on held-out calibration sequences (``fit.validate``).
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 from torch import Tensor
 
+from moefx.fit.validate import Fit, best
 from moefx.layer import MoELayer
 from moefx.op import activate
 
@@ -68,12 +72,21 @@ def compensate(layer: MoELayer, x: Tensor) -> None:
     layer.bias += mean.sum(0).to(layer.bias.dtype)
 
 
+REFIT_RIDGES = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
+
+
 @torch.no_grad()
-def refit(layer: MoELayer, x: Tensor, target: Tensor, ridge: float = 1e-2, chunk: int = 4096) -> float:
+def refit(layer: MoELayer, x: Tensor, target: Tensor, held_out: Optional[Tensor] = None, ridge: float = 1e-2,
+          chunk: int = 4096) -> Fit:
     """Least-squares fit of the output weights (shared and routed), the expert output biases and the
     layer bias so that the layer reproduces ``target`` (the dense FFN's output, ``dense_output``)
     on rows ``x`` under the layer's own routing, each row's error relative to its target's norm.
-    Returns the relative error ||out - target|| / ||target|| after the fit."""
+
+    ``held_out`` (bool [T], whole sequences, ``validate.held_out_split``): the ridge (relative to the
+    Gram diagonal, towards the carved weights) is the one of ``REFIT_RIDGES`` whose fit on the other
+    rows has the least error on the held-out rows, and the layer is then solved on all rows; without
+    it, ``ridge``. Returns the fit, scored by the per-token relative error sqrt(mean_t ||out_t -
+    target_t||^2 / ||target_t||^2)."""
     _ensure_expert_bias(layer)
     E, Fe, H = layer.num_experts, layer.expert_width, layer.hidden
     current = [layer.w_out.float().permute(0, 2, 1).reshape(E * Fe, H), layer.b_out.float(),
@@ -81,17 +94,22 @@ def refit(layer: MoELayer, x: Tensor, target: Tensor, ridge: float = 1e-2, chunk
     if layer.shared_out is not None:
         current.insert(0, layer.shared_out.weight.float().T)
     w0 = torch.cat(current).double()
-    dim = w0.shape[0]
-    gram = torch.zeros(dim, dim, dtype=torch.float64)
-    cross = torch.zeros(dim, H, dtype=torch.float64)
+    held = torch.zeros(x.shape[0], dtype=torch.bool) if held_out is None else held_out
+    fitted, validation = _Normal(w0.shape[0], H), _Normal(w0.shape[0], H)
     for start in range(0, x.shape[0], chunk):
         rows = target[start:start + chunk].float()
         weight = 1 / rows.norm(dim=1, keepdim=True).clamp(min=1e-6)
         features = _features(layer, x[start:start + chunk].float()) * weight
-        gram += (features.T @ features).double()
-        cross += (features.T @ (rows * weight)).double()
-    scale = gram.diagonal().clamp(min=1e-12) * ridge
-    solved = torch.linalg.solve(gram + torch.diag(scale), cross + scale[:, None] * w0)
+        side = held[start:start + chunk]
+        fitted.add(features[~side], rows[~side] * weight[~side])
+        validation.add(features[side], rows[side] * weight[side])
+    fit = Fit("refit", "per-token relative error", 0.0, ridge)
+    if held_out is not None:
+        fit.grid = {r: validation.error(fitted.solve(r, w0)) for r in REFIT_RIDGES}
+        fit.ridge = best(fit.grid, higher_is_better=False)
+        fit.held_out = fit.grid[fit.ridge]
+    fitted.merge(validation)
+    solved = fitted.solve(fit.ridge, w0)
     offset = 0
     if layer.shared_out is not None:
         width = layer.shared_width
@@ -100,9 +118,40 @@ def refit(layer: MoELayer, x: Tensor, target: Tensor, ridge: float = 1e-2, chunk
     layer.w_out.copy_(solved[offset:offset + E * Fe].reshape(E, Fe, H).permute(0, 2, 1))
     layer.b_out.copy_(solved[offset + E * Fe:offset + E * Fe + E])
     layer.bias.copy_(solved[-1])
-    residual = sum(((_features(layer, x[s:s + chunk].float()) @ solved.float()) - target[s:s + chunk].float())
-                   .pow(2).sum() for s in range(0, x.shape[0], chunk))
-    return (residual / target.float().pow(2).sum()).sqrt().item()
+    fit.fitted = fitted.error(solved)
+    return fit
+
+
+class _Normal:
+    """The normal equations of a weighted least-squares fit, accumulated over chunks of rows."""
+
+    def __init__(self, unknowns: int, outputs: int):
+        self.gram = torch.zeros(unknowns, unknowns, dtype=torch.float64)
+        self.cross = torch.zeros(unknowns, outputs, dtype=torch.float64)
+        self.squares = torch.zeros((), dtype=torch.float64)
+        self.rows = 0
+
+    def add(self, features: Tensor, target: Tensor) -> None:
+        self.gram += (features.T @ features).double()
+        self.cross += (features.T @ target).double()
+        self.squares += target.double().pow(2).sum()
+        self.rows += features.shape[0]
+
+    def merge(self, other: "_Normal") -> None:
+        self.gram += other.gram
+        self.cross += other.cross
+        self.squares += other.squares
+        self.rows += other.rows
+
+    def solve(self, ridge: float, prior: Tensor) -> Tensor:
+        """The ridge solution pulled towards ``prior``, the ridge relative to the Gram diagonal."""
+        scale = self.gram.diagonal().clamp(min=1e-12) * ridge
+        return torch.linalg.solve(self.gram + torch.diag(scale), self.cross + scale[:, None] * prior)
+
+    def error(self, solved: Tensor) -> float:
+        """sqrt(sum of squared weighted residuals / rows): each row's target has norm 1 after weighting."""
+        residual = (solved * (self.gram @ solved)).sum() - 2 * (solved * self.cross).sum() + self.squares
+        return (residual.clamp(min=0) / max(self.rows, 1)).sqrt().item()
 
 
 def _features(layer: MoELayer, x: Tensor) -> Tensor:

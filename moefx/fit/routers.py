@@ -29,6 +29,7 @@ from moefx.layer import MoELayer
 from moefx.fit.carve import gate_rows
 from moefx.ffn import FFN
 from moefx.fit.refit import dense_output, expert_outputs
+from moefx.fit.validate import Fit, best
 
 log = logging.getLogger("moefx")
 
@@ -60,31 +61,70 @@ def oracle_scores(layer: MoELayer, x: Tensor, chunk: int = 2048) -> Tensor:
 
 
 def distill_router(layer: MoELayer, x: Tensor, epochs: int = 30, batch: int = 512, lr: float = 3e-3,
-                   seed: int = 0, min_steps: int = 300, router_input: Optional[Tensor] = None) -> float:
+                   seed: int = 0, min_steps: int = 300, router_input: Optional[Tensor] = None,
+                   held_out: Optional[Tensor] = None) -> Fit:
     """Train the layer's linear router to select the oracle's top_k experts on rows ``x``.
 
     With zero-computation experts the targets come from ``free_slots`` (which also sets the constant
     experts' vectors). ``router_input``: rows the router reads instead of ``x``, row t the same token
-    (pre-gating, Read-ME: the input of the block holding the layer). Returns the router's recall of
-    the target choice after training."""
+    (pre-gating, Read-ME: the input of the block holding the layer). ``held_out`` (bool [T]): rows left
+    out of training and scored after it (the router has no ridge to choose). Returns the router's recall
+    of the target choice."""
     target = router_targets(layer, x, seed, router_input)
-    return fit_router(layer, x if router_input is None else router_input, target, epochs, batch, lr, seed, min_steps)
+    inputs = x if router_input is None else router_input
+    train = slice(None) if held_out is None else ~held_out
+    recall = fit_router(layer, inputs[train], target[train], epochs, batch, lr, seed, min_steps)
+    if held_out is None:
+        return Fit("router", "recall", recall)
+    return Fit("router", "recall", recall, held_out=_recall(layer, inputs[held_out], target[held_out]))
+
+
+ROUTER_RIDGES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 
 
 @torch.no_grad()
 def least_squares_router(layer: MoELayer, x: Tensor, seed: int = 0, router_input: Optional[Tensor] = None,
-                         ridge: float = 1e-3) -> float:
+                         held_out: Optional[Tensor] = None, ridge: float = 1e-3) -> Fit:
     """Set the router, in closed form, to the ridge least-squares map from the router's input rows to
-    ``distill_router``'s 0/1 targets; returns the recall of the targets by its top_k."""
+    ``distill_router``'s 0/1 targets; returns the recall of the targets by its top_k.
+
+    ``held_out`` (bool [T], whole sequences, ``validate.held_out_split``): the ridge (relative to the
+    Gram diagonal) is the one of ``ROUTER_RIDGES`` whose fit on the other rows recalls the held-out
+    rows' targets best, and the router is then solved on all rows; without it, ``ridge``."""
     target = router_targets(layer, x, seed, router_input).double()
     inputs = x if router_input is None else router_input
     features = torch.cat([inputs.double(), torch.ones(inputs.shape[0], 1, dtype=torch.float64)], 1)
-    gram = features.T @ features
-    gram += ridge * torch.diag(gram.diagonal().clamp(min=1e-12))
-    solved = torch.linalg.solve(gram, features.T @ target)
+    fit = Fit("router", "recall", 0.0, ridge)
+    if held_out is not None:
+        gram, cross = _normal_equations(features[~held_out], target[~held_out])
+        for candidate in ROUTER_RIDGES:
+            solved = _ridge_solve(gram, cross, candidate)
+            fit.grid[candidate] = _top_k_recall(features[held_out] @ solved, target[held_out], layer.top_k)
+        fit.ridge = best(fit.grid, higher_is_better=True)
+        fit.held_out = fit.grid[fit.ridge]
+    solved = _ridge_solve(*_normal_equations(features, target), fit.ridge)
     set_router(layer, solved[:-1].T, solved[-1])
-    chosen = (features @ solved).topk(layer.top_k, -1).indices
-    return (target.gather(1, chosen).sum() / target.sum()).item()
+    fit.fitted = _top_k_recall(features @ solved, target, layer.top_k)
+    return fit
+
+
+def _normal_equations(features: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    return features.T @ features, features.T @ target
+
+
+def _ridge_solve(gram: Tensor, cross: Tensor, ridge: float) -> Tensor:
+    return torch.linalg.solve(gram + ridge * torch.diag(gram.diagonal().clamp(min=1e-12)), cross)
+
+
+def _top_k_recall(scores: Tensor, target: Tensor, k: int) -> float:
+    """Share of the target's ones among each row's top-k ``scores``."""
+    return (target.gather(1, scores.topk(k, -1).indices).sum() / target.sum().clamp(min=1)).item()
+
+
+def _recall(layer: MoELayer, inputs: Tensor, target: Tensor) -> float:
+    """Recall of ``target`` by the layer's router's top_k on ``inputs``."""
+    with torch.no_grad():
+        return _top_k_recall(layer.router(inputs.to(layer.router.weight.dtype)).float(), target, layer.top_k)
 
 
 def router_targets(layer: MoELayer, x: Tensor, seed: int, router_input: Optional[Tensor]) -> Tensor:
@@ -139,9 +179,7 @@ def fit_router(layer: MoELayer, inputs: Tensor, target: Tensor, epochs: int = 30
         new_weight = w / std
         new_bias = b - new_weight @ mean
         set_router(layer, new_weight, new_bias)
-        chosen = (xf @ new_weight.T + new_bias).topk(layer.top_k, -1).indices
-        hits = target.gather(1, chosen).sum()
-    return (hits / target.sum()).item()
+        return _top_k_recall(xf @ new_weight.T + new_bias, target, layer.top_k)
 
 
 @torch.no_grad()
@@ -237,7 +275,8 @@ def _router_step(optimiser, z: Tensor, picked: Tensor, w: Tensor, b: Tensor) -> 
 
 
 
-# routers fitted to the oracle's choice on a layer's calibration rows: fit(layer, x, seed=, router_input=) -> recall
+# routers fitted to the oracle's choice on a layer's calibration rows:
+# fit(layer, x, seed=, router_input=, held_out=) -> Fit (recall on all rows, and on the held-out ones)
 FITTED_ROUTERS = {"least_squares": least_squares_router, "distilled": distill_router}
 # "centroid" is set when carving (carve.carved_layer), "representative" from calibration statistics
 ROUTERS = ("centroid", "representative", *FITTED_ROUTERS)
