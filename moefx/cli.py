@@ -98,8 +98,16 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--sentences", type=int, default=300, help="held-out sentences to compare on")
     demo.add_argument("--calibration", type=int, default=128, help="calibration sentences")
     demo.add_argument("--onnx", default="minilm_moe.onnx", help="where the demo writes its exported model")
-    evaluate = commands.add_parser("eval", help="convert all-MiniLM-L6-v2 with a distilled router and closed-form "
+    evaluate = commands.add_parser("eval", help="compare a checkpoint moefx convert wrote with its source "
+                                   "(moefx eval SRC DST --data FILE); without SRC DST: convert all-MiniLM-L6-v2 with a "
+                                   "distilled router and closed-form "
                                    "refit, and report per-layer quality against the dense model")
+    evaluate.add_argument("src", metavar="SRC", nargs="?", help="the dense transformers model directory")
+    evaluate.add_argument("dst", metavar="DST", nargs="?", help="the MoE checkpoint moefx convert wrote from it")
+    evaluate.add_argument("--data", metavar="FILE", help="held-out text (one sample per line) or JSONL ('text'); "
+                          "default: Python-documentation sentences the default calibration does not use")
+    evaluate.add_argument("--tokens", type=int, default=8192, help="held-out tokens (default 8192)")
+    evaluate.add_argument("--sequence-length", type=int, default=512, help="tokens per sequence (default 512)")
     evaluate.add_argument("--experts", type=int, default=8)
     evaluate.add_argument("--top-k", type=int, default=2)
     evaluate.add_argument("--calibration", type=int, default=256, help="calibration sentences")
@@ -125,6 +133,17 @@ def main(argv: list[str] | None = None) -> int:
         print(format_rows(rows))
         print(f"exported the split 8/top-2 model to {args.onnx}; onnxruntime vs PyTorch max abs error "
               f"{onnx_error:.2e}")
+    elif args.command == "eval" and args.src:
+        if not args.dst:
+            parser.error("moefx eval SRC DST: pass both the dense and the converted checkpoint directories")
+        from moefx.checkpoint_eval import evaluate_pretrained
+
+        try:
+            print(evaluate_pretrained(args.src, args.dst, args.data, tokens=args.tokens,
+                                      sequence_length=args.sequence_length, plot=args.plot))
+        except ValueError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
     elif args.command == "eval":
         import moefx
         from moefx.data import python_doc_sentences

@@ -480,7 +480,7 @@ class Streamer:
     def _convert_block(self, block: nn.Module, batches: list[dict], i: int) -> nn.Module:
         name = f"{self.stack_name}.{i}"
         try:
-            converted = convert(block, calibration=batches, recipe=self.recipe, inplace=True, progress=False)
+            converted = convert(block, calibration=batches, recipe=self._block_recipe(), inplace=True, progress=False)
         except ValueError as error:
             raise ValueError(f"moefx: converting {name}: {error}") from error
         converted.to(self.out_dtype).float()  # compute the next inputs with the weights as written
@@ -488,6 +488,13 @@ class Streamer:
         self.writer.write(i + 1, self._block_tensors(converted, name, batches[0]))
         self._save_progress(i + 1)
         return converted
+
+    def _block_recipe(self) -> Recipe:
+        """The recipe for the next block: ``convert`` seeds upcycled routers by the FFN's index in the model,
+        so an upcycled block continues that count (the result equals converting the whole model at once)."""
+        if not self.recipe.upcycle:
+            return self.recipe
+        return dataclasses.replace(self.recipe, seed=self.recipe.seed + len(self.report.converted))
 
     def _reload(self, block: nn.Module, example: dict, i: int) -> nn.Module:
         """A block written by an earlier, interrupted run: its structure rebuilt, its values read back."""
