@@ -16,6 +16,7 @@ interrupted after some blocks resumes from the last block written.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import gc
 import inspect
 import json
@@ -103,10 +104,17 @@ def convert_pretrained(src: str, dst: str, recipe: Optional[Recipe] = None, *,
                     calibration=_fingerprint(ids))
     model = source.meta_model()
     stack = layer_stack(model)
-    if stack is None:
-        result = _convert_in_memory(source, partial, recipe, ids, out_dtype, layout, progress)
-    else:
-        result = Streamer(source, model, stack, recipe, ids, out_dtype, layout, partial, settings, progress).run()
+    try:
+        if stack is None:
+            result = _convert_in_memory(source, partial, recipe, ids, out_dtype, layout, progress)
+        else:
+            result = Streamer(source, model, stack, recipe, ids, out_dtype, layout, partial, settings, progress).run()
+    except OSError as error:
+        if error.errno != errno.ENOSPC:
+            raise
+        raise ValueError(f"moefx: the disk holding {partial} is full; free space (the output takes about the "
+                         f"source's size at the same dtype) and run the same command again: it resumes after the "
+                         "last block written") from error
     if os.path.isdir(dst):
         os.rmdir(dst)  # empty: checked above
     os.replace(partial, dst)
@@ -413,11 +421,19 @@ class Streamer:
                              "to these weights")
 
     def embed(self, batch: Tensor) -> Tensor:
-        """The input embedding of ``batch``: its rows read from the checkpoint's table (the rest stays on disk)."""
+        """The input embedding of ``batch``, computed by the model's own embedding module (which may scale it)
+        on just the rows the batch uses, read from the checkpoint (the rest of the table stays on disk)."""
         table = self.model.get_input_embeddings()
         names = {m: n for n, m in self.model.named_modules()}
-        key = self.keys[names[table] + ".weight"]
-        return self.source.shards.rows(key, batch, torch.float32)
+        unique, inverse = torch.unique(batch, return_inverse=True)
+        rows = self.source.shards.rows(self.keys[names[table] + ".weight"], unique, torch.float32)
+        whole = table.weight
+        table.weight = nn.Parameter(rows, requires_grad=False)
+        try:
+            with torch.no_grad():
+                return table(inverse)
+        finally:
+            table.weight = whole
 
     def record_calls(self) -> tuple[str, list[Tensor], list[list[dict]]]:
         """The blocks' calls in the parent's forward on each calibration batch: the name of the hidden-state
