@@ -108,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
                           "default: Python-documentation sentences the default calibration does not use")
     evaluate.add_argument("--tokens", type=int, default=8192, help="held-out tokens (default 8192)")
     evaluate.add_argument("--sequence-length", type=int, default=512, help="tokens per sequence (default 512)")
+    evaluate.add_argument("--in-memory", action="store_true", help="load both models whole (adds the per-layer "
+                          "report of moefx.evaluate); default: block by block")
     evaluate.add_argument("--experts", type=int, default=8)
     evaluate.add_argument("--top-k", type=int, default=2)
     evaluate.add_argument("--calibration", type=int, default=256, help="calibration sentences")
@@ -140,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             print(evaluate_pretrained(args.src, args.dst, args.data, tokens=args.tokens,
-                                      sequence_length=args.sequence_length, plot=args.plot))
+                                      sequence_length=args.sequence_length, in_memory=args.in_memory,
+                                      plot=args.plot))
         except ValueError as error:
             print(f"error: {error}", file=sys.stderr)
             return 2

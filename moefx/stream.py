@@ -367,6 +367,7 @@ class Streamer:
         self.notes: list[str] = []
         self.writer = ShardWriter(partial, len(self.blocks) + 1)
         self.target = None  # the transformers MoE model (on meta) for layout="mixtral" / "qwen2_moe"
+        self.wrap: Callable[[Tensor], Any] = lambda h: h  # a hidden state in the blocks' output structure
 
     # -- the shell: everything outside the stack except the embedding tables and the head
 
@@ -447,6 +448,7 @@ class Streamer:
         with torch.no_grad():
             output = call_model(first, _as_kwargs(first, *probe[0][1:]))
         wrap = (lambda h: h) if isinstance(output, Tensor) else (lambda h, rest=tuple(output[1:]): (h, *rest))
+        self.wrap = wrap
         hidden, calls = [], []
         for batch in self.ids:
             recorded: list = []

@@ -217,16 +217,24 @@ def test_a_model_without_a_layer_stack_is_converted_in_memory_and_says_so(tmp_pa
     assert relative_error(logits(moefx.load_pretrained(str(tmp_path / "moe")), ids), logits(dense, ids)) < 1e-5
 
 
-def test_eval_reports_perplexity_and_agreement_of_both_models(llama, tmp_path, capsys):
-    src, _ = llama
-    dst = str(tmp_path / "moe")
-    convert_pretrained(src, dst, num_experts=4, top_k=4, calibration_tokens=TOKENS, sequence_length=SEQUENCE,
-                       progress=False)
+def test_eval_block_by_block_equals_eval_in_memory(llama, tmp_path, capsys):
     from moefx.checkpoint_eval import evaluate_pretrained
 
-    quality = evaluate_pretrained(src, dst, tokens=128, sequence_length=SEQUENCE)
+    src, _ = llama
+    exact, dst = str(tmp_path / "exact"), str(tmp_path / "moe")
+    options = dict(num_experts=4, calibration_tokens=TOKENS, sequence_length=SEQUENCE, progress=False)
+    convert_pretrained(src, exact, top_k=4, **options)
+    convert_pretrained(src, dst, top_k=2, **options)
+    quality = evaluate_pretrained(src, exact, tokens=128, sequence_length=SEQUENCE)
+    assert quality.blocks is not None and max(error for _, error, _ in quality.blocks) < 1e-5
     assert quality.top1_agreement == 1.0 and abs(quality.moe_perplexity / quality.dense_perplexity - 1) < 1e-5
-    assert main(["eval", src, dst, "--tokens", "128", "--sequence-length", str(SEQUENCE)]) == 0
+    streamed = evaluate_pretrained(src, dst, tokens=128, sequence_length=SEQUENCE)
+    whole = evaluate_pretrained(src, dst, tokens=128, sequence_length=SEQUENCE, in_memory=True)
+    assert whole.blocks is None and whole.layers is not None
+    assert abs(streamed.moe_perplexity / whole.moe_perplexity - 1) < 1e-5 and streamed.top1_agreement < 1.0
+    assert abs(streamed.dense_perplexity / whole.dense_perplexity - 1) < 1e-5
+    assert streamed.top1_agreement == whole.top1_agreement
+    assert main(["eval", src, exact, "--tokens", "128", "--sequence-length", str(SEQUENCE)]) == 0
     assert "top-1 next-token agreement 100.0%" in capsys.readouterr().out
 
 
