@@ -1,89 +1,134 @@
-"""Conversion cost: convert a ~1B-parameter Llama-shaped model (random weights, bf16) on the CPU.
+"""Conversion from disk: ``moefx convert`` on a Llama-3.2-3B-shaped checkpoint (random bf16 weights).
 
-Prints wall time per phase and peak RSS against the model's size (targets: <= 2 minutes on a
-2-core CPU, peak RSS <= 1.5x the model's bytes).
+Writes a sharded safetensors checkpoint per depth (hidden 3072, FFN 8192 SwiGLU, 24 heads / 8 KV heads,
+vocab 128256, tied embeddings: ~6.4 GB at 28 layers), converts each with the command line in a child
+process at 8 experts / top-2 / 1 shared, and prints wall time and the child's peak RSS against the
+checkpoint's size. Targets (issue 14, 2-core CPU): peak RSS <= 1.5 GB at 28 layers, <= 15 minutes, and the
+peak RSS of 8 and 28 layers within 10% of each other (memory independent of depth).
 
-    python bench/bench_convert.py [--method coactivation] [--layers 16]
+    python bench/bench_convert.py                       # 8 and 28 layers, 8192 calibration tokens
+    python bench/bench_convert.py --layers 4 8 --tokens 1024 --dir /tmp/bench_convert
 """
 from __future__ import annotations
 
 import argparse
+import os
 import platform
-import resource
+import shutil
+import subprocess
+import sys
+import tempfile
 import time
 
 import torch
 
 
-def rss_bytes() -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
+def write_checkpoint(path: str, layers: int, hidden: int, ffn: int, vocab: int, seed: int = 0) -> int:
+    """A LlamaForCausalLM checkpoint with random bf16 weights, one shard per block, written tensor by tensor
+    (the model is never built: its tensor names and shapes come from a meta-device instance). Returns bytes."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from moefx.shards import ShardWriter
+
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+                         num_attention_heads=hidden // 128, num_key_value_heads=min(8, hidden // 128), head_dim=128, vocab_size=vocab,
+                         tie_word_embeddings=True, rope_theta=500000.0, max_position_embeddings=131072, dtype="bfloat16",
+                         bos_token_id=1, eos_token_id=2)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    shapes = {k: v.shape for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    os.makedirs(path, exist_ok=True)
+    writer = ShardWriter(path, layers + 1)
+    generator = torch.Generator().manual_seed(seed)
+
+    def tensor(name: str) -> torch.Tensor:
+        if name.endswith("norm.weight"):
+            return torch.ones(shapes[name], dtype=torch.bfloat16)
+        return (torch.randn(shapes[name], generator=generator) * 0.02).to(torch.bfloat16)
+
+    for i in range(layers):
+        writer.write(i + 1, {k: tensor(k) for k in shapes if k.startswith(f"model.layers.{i}.")})
+    writer.write(layers + 1, {k: tensor(k) for k in shapes if not k.startswith("model.layers.")})
+    writer.finish()
+    config.architectures = ["LlamaForCausalLM"]
+    config.save_pretrained(path)
+    _write_tokenizer(path, vocab)
+    return writer.total_size
 
 
-def peak_rss_bytes() -> int:
-    """Peak RSS since the last ``reset_peak_rss`` (VmHWM), else since the process started."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+def _write_tokenizer(path: str, vocab: int) -> None:
+    """A byte-level BPE tokenizer trained on Python's documentation (its ids are a subset of the vocabulary)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from moefx.data import python_doc_sentences
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.train_from_iterator(python_doc_sentences(1750), trainers.BpeTrainer(
+        vocab_size=min(vocab, 4000), special_tokens=["<unk>", "<s>", "</s>"], show_progress=False))
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>",
+                            unk_token="<unk>").save_pretrained(path)
 
 
-def reset_peak_rss() -> None:
-    """Start peak-RSS accounting afresh, so that building the model does not count (Linux)."""
-    with open("/proc/self/clear_refs", "w") as clear_refs:
-        clear_refs.write("5")
+def convert_in_child(src: str, dst: str, args: argparse.Namespace) -> tuple[float, int, str]:
+    """Run ``moefx convert`` in a fresh process: (wall seconds, peak RSS bytes, its last output lines)."""
+    command = [sys.executable, "-m", "moefx.cli", "convert", src, dst, "--experts", str(args.experts), "--top-k",
+               str(args.top_k), "--shared", str(args.shared), "--calibration-tokens", str(args.tokens), "--quiet"]
+    with tempfile.TemporaryFile("w+") as log:
+        start = time.perf_counter()
+        child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True)
+        _, status, usage = os.wait4(child.pid, 0)  # this child's own rusage (RUSAGE_CHILDREN keeps the max of all)
+        seconds = time.perf_counter() - start
+        child.returncode = os.waitstatus_to_exitcode(status)
+        log.seek(0)
+        output = log.read()
+    if child.returncode:
+        raise SystemExit(f"moefx convert failed:\n{output}")
+    peak = usage.ru_maxrss * 1024
+    return seconds, peak, output
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--method", default="coactivation", choices=["split", "coactivation", "upcycle"])
-    parser.add_argument("--layers", type=int, default=16)
+    parser.add_argument("--layers", type=int, nargs="+", default=[8, 28])
+    parser.add_argument("--hidden", type=int, default=3072)
+    parser.add_argument("--ffn", type=int, default=8192)
+    parser.add_argument("--vocab", type=int, default=128256)
+    parser.add_argument("--tokens", type=int, default=8192, help="calibration tokens")
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--top-k", type=int, default=2)
     parser.add_argument("--shared", type=int, default=1)
-    parser.add_argument("--batches", type=int, default=4, help="calibration batches of 1 x 128 tokens")
+    parser.add_argument("--dir", default="/tmp/moefx_bench_convert", help="where the checkpoints are written "
+                        "(removed afterwards)")
     args = parser.parse_args()
 
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    import moefx
-
-    config = LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=args.layers,
-                         num_attention_heads=32, num_key_value_heads=8, vocab_size=32000, tie_word_embeddings=True)
-    start = time.perf_counter()
-    torch.set_default_dtype(torch.bfloat16)
-    model = LlamaForCausalLM(config).eval()
-    torch.set_default_dtype(torch.float32)
-    build_seconds = time.perf_counter() - start
-    params = sum(p.numel() for p in model.parameters())
-    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    generator = torch.Generator().manual_seed(0)
-    calibration = [{"input_ids": torch.randint(0, config.vocab_size, (1, 128), generator=generator)}
-                   for _ in range(args.batches)]
-    build_peak = peak_rss_bytes()
-    reset_peak_rss()
-    before = rss_bytes()
-    start = time.perf_counter()
-    shared = 0 if args.method == "upcycle" else args.shared
-    moe = moefx.convert(model, num_experts=args.experts, top_k=args.top_k, calibration=calibration,
-                        method=args.method, num_shared=shared, inplace=True)
-    convert_seconds = time.perf_counter() - start
-    summary = moefx.summary(moe)
-    peak = peak_rss_bytes()
-    print(f"model: Llama-shaped, {args.layers} layers, {params / 1e9:.2f}B parameters, bf16, "
-          f"{model_bytes / 2**30:.2f} GiB (built in {build_seconds:.1f} s, peak RSS while building "
-          f"{build_peak / 2**30:.2f} GiB)")
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}")
-    print(f"{'method':<14} {'experts':>8} {'top_k':>5} {'shared':>6} {'calib':>9} {'convert s':>9} "
-          f"{'RSS before':>10} {'peak RSS':>9} {'peak/model':>10}")
-    print(f"{args.method:<14} {args.experts:>8} {args.top_k:>5} {shared:>6} {f'{args.batches}x128':>9} "
-          f"{convert_seconds:>9.1f} {before / 2**30:>9.2f}G {peak / 2**30:>8.2f}G {peak / model_bytes:>10.2f}")
-    print(f"{len(summary.layers)} MoE layers, {summary.active_fraction:.1%} of FFN neurons active per token")
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the "
+          f"start, torch {torch.__version__}, Python {platform.python_version()}")
+    print(f"Llama-shaped: hidden {args.hidden}, FFN {args.ffn}, vocab {args.vocab}, bf16; {args.experts} experts, "
+          f"top-{args.top_k}, {args.shared} shared; {args.tokens} calibration tokens")
+    print(f"{'layers':>6} {'checkpoint':>10} {'write s':>8} {'convert s':>9} {'s/block':>8} {'peak RSS':>9} "
+          f"{'RSS/ckpt':>8}")
+    peaks = {}
+    for layers in args.layers:
+        src, dst = os.path.join(args.dir, f"dense-{layers}"), os.path.join(args.dir, f"moe-{layers}")
+        shutil.rmtree(src, ignore_errors=True)
+        shutil.rmtree(dst, ignore_errors=True)
+        start = time.perf_counter()
+        size = write_checkpoint(src, layers, args.hidden, args.ffn, args.vocab)
+        written = time.perf_counter() - start
+        try:
+            seconds, peak, output = convert_in_child(src, dst, args)
+        finally:
+            shutil.rmtree(src, ignore_errors=True)
+            shutil.rmtree(dst, ignore_errors=True)
+        peaks[layers] = peak
+        print(f"{layers:>6} {size / 1e9:>9.2f}G {written:>8.1f} {seconds:>9.1f} {seconds / layers:>8.1f} "
+              f"{peak / 1e9:>8.2f}G {peak / size:>8.2f}", flush=True)
+    if len(peaks) > 1:
+        low, high = min(peaks), max(peaks)
+        print(f"peak RSS {high} layers / {low} layers: {peaks[high] / peaks[low]:.3f}")
+    print(f"load average at the end {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":

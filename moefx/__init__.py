@@ -7,6 +7,7 @@ from moefx.compile import backend  # noqa: F401  (registers torch.compile(backen
 from moefx.convert import ConversionReport, LayerOrigin, convert
 from moefx.recipe import Recipe
 from moefx.checkpoint import load_pretrained, save_pretrained
+from moefx.stream import convert_pretrained
 from moefx.layer import MoELayer
 from moefx.fit.distill import DistillReport, distill
 from moefx.convert.pregate import lookahead
@@ -15,7 +16,8 @@ from moefx.quality import QualityReport, evaluate
 from moefx.summary import Summary, summary
 
 __all__ = ["ConversionReport", "DistillReport", "LayerOrigin", "MoELayer", "QualityReport", "Recipe", "Summary", "convert",
-           "distill", "evaluate", "export_onnx", "load_pretrained", "lookahead", "moe_op", "save_pretrained", "summary"]
+           "convert_pretrained", "distill", "evaluate", "export_onnx", "load_pretrained", "lookahead", "moe_op",
+           "save_pretrained", "summary"]
 __version__ = "0.1.0"
 
 

@@ -28,6 +28,7 @@ from moefx.convert import rebuild
 from moefx.layer import MoELayer
 from moefx.recipe import Recipe
 from moefx.runtime import call_model
+from moefx.shards import INDEX, shard_files
 
 WEIGHTS, RECIPE, EXAMPLE = "model.safetensors", "moefx.json", "moefx_example.safetensors"
 LAYOUTS = ("moefx", "mixtral", "qwen2_moe")
@@ -91,8 +92,32 @@ def load_pretrained(path: str, model: Optional[nn.Module] = None) -> nn.Module:
         ordered = [items[str(i)] for i in range(len(items))]
         example = ordered if meta["example_kind"] == "tuple" else ordered[0]
     moe = rebuild(model, example, Recipe.from_dict(meta["recipe"], source=os.path.join(path, RECIPE)), inplace=built)
-    load_model(moe, os.path.join(path, WEIGHTS), strict=True)
+    if os.path.exists(os.path.join(path, INDEX)):
+        _load_shards(moe, path)
+    else:
+        load_model(moe, os.path.join(path, WEIGHTS), strict=True)
     return moe
+
+
+def _load_shards(moe: nn.Module, path: str) -> None:
+    """Load a sharded checkpoint (``moefx convert`` writes one shard per block) strictly, one shard at a time;
+    a tensor tied to another (a tied LM head) is stored once."""
+    from safetensors.torch import load_file
+
+    expected = moe.state_dict()
+    loaded: set[str] = set()
+    for file in shard_files(path):
+        state = load_file(file)
+        unexpected = moe.load_state_dict(state, strict=False).unexpected_keys
+        if unexpected:
+            raise ValueError(f"moefx.load_pretrained: {file} holds {unexpected[0]}, which the rebuilt model lacks; "
+                             "the checkpoint and its moefx.json disagree: convert again")
+        loaded.update(state)
+    stored = {expected[k].data_ptr() for k in loaded}
+    missing = [k for k in expected if k not in loaded and expected[k].data_ptr() not in stored]
+    if missing:
+        raise ValueError(f"moefx.load_pretrained: {path} lacks {missing[0]} ({len(missing)} tensor(s) missing); "
+                         "the conversion was not finished: convert again")
 
 
 def _read_meta(file: str) -> dict:

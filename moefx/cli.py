@@ -2,7 +2,93 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import os
 import sys
+
+
+# short forms of recipe options (the issue's and llm-compressor's spelling)
+ALIASES = {"num_experts": ["--experts"], "num_shared": ["--shared"]}
+
+
+def add_convert_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """``moefx convert``'s arguments: paths, calibration, output, and one flag per ``moefx.Recipe`` field."""
+    from moefx.checkpoint import LAYOUTS
+    from moefx.recipe import Recipe
+    from moefx.stream import DTYPES
+
+    parser.add_argument("src", metavar="SRC", help="transformers model directory (config.json, *.safetensors, "
+                        "tokenizer)")
+    parser.add_argument("dst", metavar="DST", help="new directory for the MoE checkpoint (must not exist or be empty)")
+    parser.add_argument("--recipe", metavar="FILE", help="recipe options as JSON or YAML ({num_experts: 8, ...}); "
+                        "flags override it")
+    parser.add_argument("--calibration", metavar="FILE", help="calibration text: a text file (one sample per line) or "
+                        "JSONL ('text' or 'input_ids' per record); default: Python's documentation")
+    parser.add_argument("--calibration-tokens", type=int, default=8192, help="calibration tokens (default 8192)")
+    parser.add_argument("--sequence-length", type=int, default=512, help="tokens per calibration sequence "
+                        "(default 512)")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), help="dtype of the written weights (default: SRC's)")
+    parser.add_argument("--layout", choices=LAYOUTS, default="moefx", help="'moefx' (moefx.load_pretrained) or a "
+                        "transformers MoE layout (AutoModelForCausalLM.from_pretrained)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    options = parser.add_argument_group("recipe options (moefx.Recipe; default: the recipe file, else Recipe's)")
+    for f in dataclasses.fields(Recipe):
+        flags = ["--" + f.name.replace("_", "-"), *ALIASES.get(f.name, [])]
+        text = f.metadata["help"].replace("%", "%%") + f" (Recipe default: {f.default})"
+        if f.type == "bool":
+            options.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=text)
+        else:
+            kind = {"int": int, "float": float}.get(f.type, str)
+            options.add_argument(*flags, dest=f.name, type=kind, default=None, help=text)
+    return parser
+
+
+def recipe_from_args(args: argparse.Namespace):
+    """The recipe file's options overridden by the flags given."""
+    from moefx.recipe import Recipe
+
+    values = read_recipe_file(args.recipe) if args.recipe else {}
+    values.update({name: getattr(args, name) for name in Recipe.help() if getattr(args, name) is not None})
+    if values.get("pregate") in ("none", "None"):
+        values["pregate"] = None
+    return Recipe.from_dict(values, source=args.recipe or "the flags")
+
+
+def read_recipe_file(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise ValueError(f"moefx convert: recipe file {path} does not exist")
+    with open(path) as f:
+        text = f.read()
+    try:
+        if path.endswith((".yaml", ".yml")):
+            import yaml
+
+            values = yaml.safe_load(text)
+        else:
+            values = json.loads(text)
+    except Exception as error:
+        raise ValueError(f"moefx convert: {path} is not valid {'YAML' if path.endswith(('.yaml', '.yml')) else 'JSON'} "
+                         f"({error}); write the recipe as {{\"num_experts\": 8, \"top_k\": 2, ...}}") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"moefx convert: {path} holds a {type(values).__name__}; a recipe file is a mapping of "
+                         "option names to values")
+    return values.get("recipe", values) if isinstance(values.get("recipe"), dict) else values
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    from moefx.stream import convert_pretrained
+
+    try:
+        recipe = recipe_from_args(args)
+        result = convert_pretrained(args.src, args.dst, recipe, calibration=args.calibration,
+                                    calibration_tokens=args.calibration_tokens, sequence_length=args.sequence_length,
+                                    dtype=args.dtype, layout=args.layout, progress=not args.quiet)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(result)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -12,8 +98,18 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--sentences", type=int, default=300, help="held-out sentences to compare on")
     demo.add_argument("--calibration", type=int, default=128, help="calibration sentences")
     demo.add_argument("--onnx", default="minilm_moe.onnx", help="where the demo writes its exported model")
-    evaluate = commands.add_parser("eval", help="convert all-MiniLM-L6-v2 with a distilled router and closed-form "
+    evaluate = commands.add_parser("eval", help="compare a checkpoint moefx convert wrote with its source "
+                                   "(moefx eval SRC DST --data FILE); without SRC DST: convert all-MiniLM-L6-v2 with a "
+                                   "distilled router and closed-form "
                                    "refit, and report per-layer quality against the dense model")
+    evaluate.add_argument("src", metavar="SRC", nargs="?", help="the dense transformers model directory")
+    evaluate.add_argument("dst", metavar="DST", nargs="?", help="the MoE checkpoint moefx convert wrote from it")
+    evaluate.add_argument("--data", metavar="FILE", help="held-out text (one sample per line) or JSONL ('text'); "
+                          "default: Python-documentation sentences the default calibration does not use")
+    evaluate.add_argument("--tokens", type=int, default=8192, help="held-out tokens (default 8192)")
+    evaluate.add_argument("--sequence-length", type=int, default=512, help="tokens per sequence (default 512)")
+    evaluate.add_argument("--in-memory", action="store_true", help="load both models whole (adds the per-layer "
+                          "report of moefx.evaluate); default: block by block")
     evaluate.add_argument("--experts", type=int, default=8)
     evaluate.add_argument("--top-k", type=int, default=2)
     evaluate.add_argument("--calibration", type=int, default=256, help="calibration sentences")
@@ -22,7 +118,14 @@ def main(argv: list[str] | None = None) -> int:
     from moefx.onnx.cli import add_export_arguments
     add_export_arguments(commands.add_parser("export", help="convert a model and write it as ONNX, checked in "
                                              "onnxruntime"))
+    add_convert_arguments(commands.add_parser(
+        "convert", help="convert a transformers checkpoint directory layer by layer and write the MoE checkpoint",
+        description="Convert the transformers model in SRC into an MoE model written to DST, one block at a time "
+                    "(memory: one block plus the calibration activations). Recipe options come from --recipe FILE "
+                    "(JSON or YAML), then from the flags."))
     args = parser.parse_args(argv)
+    if args.command == "convert":
+        return run_convert(args)
     if args.command == "demo":
         from moefx.demo import format_rows, run_demo
 
@@ -32,6 +135,18 @@ def main(argv: list[str] | None = None) -> int:
         print(format_rows(rows))
         print(f"exported the split 8/top-2 model to {args.onnx}; onnxruntime vs PyTorch max abs error "
               f"{onnx_error:.2e}")
+    elif args.command == "eval" and args.src:
+        if not args.dst:
+            parser.error("moefx eval SRC DST: pass both the dense and the converted checkpoint directories")
+        from moefx.checkpoint_eval import evaluate_pretrained
+
+        try:
+            print(evaluate_pretrained(args.src, args.dst, args.data, tokens=args.tokens,
+                                      sequence_length=args.sequence_length, in_memory=args.in_memory,
+                                      plot=args.plot))
+        except ValueError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
     elif args.command == "eval":
         import moefx
         from moefx.data import python_doc_sentences

@@ -6,6 +6,7 @@ state; its options are one ``moefx.Recipe`` (``moefx/recipe.py``).
 from __future__ import annotations
 
 import copy
+import os
 from typing import Any, Iterable, Optional, Union
 
 import torch
@@ -49,6 +50,10 @@ def convert(
     It carries ``moefx_report`` (what was converted, and by name what was not and why) and
     ``moefx_recipe``.
     """
+    if isinstance(model, (str, os.PathLike)):
+        raise TypeError(f"moefx.convert: {model!r} is a path; convert a checkpoint directory with "
+                        "moefx.convert_pretrained(src, dst, num_experts=..., top_k=...) (layer by layer, writes dst) "
+                        "and load the result with moefx.load_pretrained(dst)")
     if isinstance(top_k, Recipe):  # convert(model, calibration, recipe)
         calibration, recipe, num_experts, top_k = num_experts, top_k, None, None
     recipe = _recipe(recipe, num_experts, top_k, options)

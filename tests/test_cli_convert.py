@@ -1,0 +1,284 @@
+"""``moefx convert SRC DST`` / ``moefx.convert_pretrained``: a sharded checkpoint directory converted block by
+block equals ``moefx.convert`` of the whole model, holds one block of the source at a time, resumes, and refuses
+bad input by name."""
+from __future__ import annotations
+
+import json
+import os
+import weakref
+
+import pytest
+import torch
+
+import moefx
+from moefx.cli import main
+from moefx.shards import INDEX, SourceShards
+from moefx.stream import convert_pretrained
+from tests.conftest import relative_error
+
+TOKENS, SEQUENCE = 256, 64
+
+
+def tiny_tokenizer():
+    """A byte-level BPE tokenizer trained on the packaged Python-documentation text (no download)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from moefx.data import python_doc_sentences
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.train_from_iterator(python_doc_sentences(300), trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def llama_checkpoint(path, layers=3, tokenizer=True, seed=0):
+    """A tiny LlamaForCausalLM saved in several safetensors shards (fp32), with its tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=300, bos_token_id=1, eos_token_id=2)
+    model = LlamaForCausalLM(config).eval()
+    model.save_pretrained(path, max_shard_size="100KB")
+    if tokenizer:
+        tiny_tokenizer().save_pretrained(path)
+    return model
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    path = tmp_path_factory.mktemp("llama") / "src"
+    return str(path), llama_checkpoint(str(path))
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def in_memory(dense, src, **options):
+    """``moefx.convert`` of the whole model on the calibration convert_pretrained builds from ``src``."""
+    from moefx.stream import Source, calibration_ids
+
+    ids = calibration_ids(Source(src), None, TOKENS, SEQUENCE)
+    return moefx.convert(dense, calibration=[{"input_ids": b} for b in ids], progress=False, **options)
+
+
+def test_checkpoint_has_several_shards(llama):
+    src, _ = llama
+    assert os.path.exists(os.path.join(src, INDEX)) and len(SourceShards(src)._files()) >= 4
+
+
+def test_cli_at_every_expert_computes_the_dense_model_and_writes_a_sharded_moefx_checkpoint(llama, tmp_path, capsys):
+    src, dense = llama
+    dst = str(tmp_path / "moe")
+    assert main(["convert", src, dst, "--experts", "4", "--top-k", "4", "--calibration-tokens", str(TOKENS),
+                 "--sequence-length", str(SEQUENCE), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "layer by layer (3 blocks)" in printed and "model.layers.2.mlp.down_proj -> model.layers.2.mlp.moe" in printed
+    assert "3 MoE layers" in printed  # the summary
+    with open(os.path.join(dst, INDEX)) as f:
+        assert len(set(json.load(f)["weight_map"].values())) == 4  # one shard per block + the rest
+    with open(os.path.join(dst, "moefx.json")) as f:
+        assert json.load(f)["recipe"] == moefx.Recipe(num_experts=4, top_k=4).to_dict()
+    moe = moefx.load_pretrained(dst)
+    ids = torch.randint(0, 300, (2, 11), generator=torch.Generator().manual_seed(1))
+    assert relative_error(logits(moe, ids), logits(dense, ids)) < 1e-5
+    assert not os.path.exists(dst + ".moefx-partial")
+
+
+def test_streamed_conversion_equals_converting_the_whole_model_in_memory(llama, tmp_path):
+    src, dense = llama
+    dst = str(tmp_path / "moe")
+    result = convert_pretrained(src, dst, num_experts=4, top_k=2, calibration_tokens=TOKENS,
+                                sequence_length=SEQUENCE, progress=False)
+    assert len(result.report.converted) == 3 and result.streamed
+    ids = torch.randint(0, 300, (2, 13), generator=torch.Generator().manual_seed(2))
+    want = logits(in_memory(dense, src, num_experts=4, top_k=2), ids)
+    assert relative_error(logits(moefx.load_pretrained(dst), ids), want) < 1e-5
+    assert relative_error(want, logits(dense, ids)) > 1e-3  # top-2 of 4 is not the dense model
+
+
+def test_upcycled_checkpoint_in_mixtral_layout_loads_in_transformers_and_equals_in_memory(llama, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    src, dense = llama
+    dst = str(tmp_path / "mixtral")
+    convert_pretrained(src, dst, num_experts=4, top_k=2, method="upcycle", layout="mixtral",
+                       calibration_tokens=TOKENS, sequence_length=SEQUENCE, progress=False)
+    loaded = AutoModelForCausalLM.from_pretrained(dst).eval()
+    assert type(loaded).__name__ == "MixtralForCausalLM"
+    ids = torch.randint(0, 300, (2, 9), generator=torch.Generator().manual_seed(3))
+    want = logits(in_memory(dense, src, num_experts=4, top_k=2, method="upcycle"), ids)
+    assert relative_error(logits(loaded, ids), want) < 1e-5
+
+
+def test_source_blocks_are_materialised_one_at_a_time(tmp_path, monkeypatch):
+    """The whole model is never resident: when each block is converted, no other block of the 8 holds real
+    weights (the others are on the meta device or freed), and no from_pretrained loads the model."""
+    import gc
+
+    import transformers
+
+    import moefx.stream as stream
+
+    src = str(tmp_path / "deep")
+    llama_checkpoint(src, layers=8)
+    blocks, resident = [], []
+    meta_model, convert = stream.Source.meta_model, stream.convert
+
+    def recording_meta_model(self):
+        model = meta_model(self)
+        blocks.extend(weakref.ref(b) for b in model.model.layers)
+        return model
+
+    def counting_convert(*args, **kwargs):
+        gc.collect()
+        live = [b() for b in blocks]
+        resident.append(sum(b is not None and not next(b.parameters()).is_meta for b in live))
+        return convert(*args, **kwargs)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the whole model was loaded")
+
+    monkeypatch.setattr(stream.Source, "meta_model", recording_meta_model)
+    monkeypatch.setattr(stream, "convert", counting_convert)
+    monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained", refuse)
+    convert_pretrained(src, str(tmp_path / "moe"), num_experts=4, top_k=2, calibration_tokens=TOKENS,
+                       sequence_length=SEQUENCE, progress=False)
+    assert resident == [1] * 8
+    gc.collect()
+    assert all(b() is None or next(b().parameters()).is_meta for b in blocks)
+
+
+def test_an_interrupted_conversion_resumes_from_the_last_written_block(llama, tmp_path, monkeypatch):
+    from moefx.stream import Streamer
+
+    src, _ = llama
+    options = dict(num_experts=4, top_k=2, method="coactivation", calibration_tokens=TOKENS,
+                   sequence_length=SEQUENCE, progress=False)
+    whole = str(tmp_path / "whole")
+    convert_pretrained(src, whole, **options)
+    dst = str(tmp_path / "moe")
+    convert_block = Streamer._convert_block
+
+    def interrupted(self, block, batches, i):
+        if i == 2:
+            raise KeyboardInterrupt
+        return convert_block(self, block, batches, i)
+
+    monkeypatch.setattr(Streamer, "_convert_block", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        convert_pretrained(src, dst, **options)
+    assert not os.path.exists(dst) and os.path.exists(dst + ".moefx-partial")
+    monkeypatch.setattr(Streamer, "_convert_block", convert_block)
+    result = convert_pretrained(src, dst, **options)
+    assert result.resumed_from == 2 and len(result.report.converted) == 3
+    ids = torch.randint(0, 300, (1, 10), generator=torch.Generator().manual_seed(4))
+    assert relative_error(logits(moefx.load_pretrained(dst), ids), logits(moefx.load_pretrained(whole), ids)) < 1e-6
+
+
+def test_encoder_without_tokenizer_streams_on_token_id_jsonl(tmp_path):
+    """BertModel (AutoModel, each whole block becomes one traced piece), calibrated on JSONL token ids."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    dense = BertModel(BertConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                                 vocab_size=200, max_position_embeddings=64)).eval()
+    src = str(tmp_path / "bert")
+    dense.save_pretrained(src, max_shard_size="50KB")
+    data = tmp_path / "ids.jsonl"
+    generator = torch.Generator().manual_seed(0)
+    data.write_text("".join(json.dumps({"input_ids": torch.randint(3, 200, (40,), generator=generator).tolist()})
+                            + "\n" for _ in range(8)))
+    dst = str(tmp_path / "moe")
+    result = convert_pretrained(src, dst, num_experts=4, top_k=2, calibration=str(data), calibration_tokens=256,
+                                sequence_length=64, progress=False)
+    assert result.streamed and len(result.report.converted) == 2
+    ids = torch.randint(0, 200, (2, 12), generator=generator)
+    from moefx.stream import Source, calibration_ids
+
+    calibration = [{"input_ids": b} for b in calibration_ids(Source(src), str(data), 256, 64)]
+    want = moefx.convert(dense, calibration=calibration, num_experts=4, top_k=2, progress=False)
+    with torch.no_grad():
+        got = moefx.load_pretrained(dst)(input_ids=ids).last_hidden_state
+        assert relative_error(got, want(input_ids=ids).last_hidden_state) < 1e-5
+
+
+def test_a_model_without_a_layer_stack_is_converted_in_memory_and_says_so(tmp_path):
+    src = str(tmp_path / "one")
+    dense = llama_checkpoint(src, layers=1)
+    result = convert_pretrained(src, str(tmp_path / "moe"), num_experts=4, top_k=4, calibration_tokens=TOKENS,
+                                sequence_length=SEQUENCE, progress=False)
+    assert not result.streamed and "converted in memory" in str(result)
+    ids = torch.randint(0, 300, (1, 7), generator=torch.Generator().manual_seed(5))
+    assert relative_error(logits(moefx.load_pretrained(str(tmp_path / "moe")), ids), logits(dense, ids)) < 1e-5
+
+
+def test_eval_block_by_block_equals_eval_in_memory(llama, tmp_path, capsys):
+    from moefx.checkpoint_eval import evaluate_pretrained
+
+    src, _ = llama
+    exact, dst = str(tmp_path / "exact"), str(tmp_path / "moe")
+    options = dict(num_experts=4, calibration_tokens=TOKENS, sequence_length=SEQUENCE, progress=False)
+    convert_pretrained(src, exact, top_k=4, **options)
+    convert_pretrained(src, dst, top_k=2, **options)
+    quality = evaluate_pretrained(src, exact, tokens=128, sequence_length=SEQUENCE)
+    assert quality.blocks is not None and max(error for _, error, _ in quality.blocks) < 1e-5
+    assert quality.top1_agreement == 1.0 and abs(quality.moe_perplexity / quality.dense_perplexity - 1) < 1e-5
+    streamed = evaluate_pretrained(src, dst, tokens=128, sequence_length=SEQUENCE)
+    whole = evaluate_pretrained(src, dst, tokens=128, sequence_length=SEQUENCE, in_memory=True)
+    assert whole.blocks is None and whole.layers is not None
+    assert abs(streamed.moe_perplexity / whole.moe_perplexity - 1) < 1e-5 and streamed.top1_agreement < 1.0
+    assert abs(streamed.dense_perplexity / whole.dense_perplexity - 1) < 1e-5
+    assert streamed.top1_agreement == whole.top1_agreement
+    assert main(["eval", src, exact, "--tokens", "128", "--sequence-length", str(SEQUENCE)]) == 0
+    assert "top-1 next-token agreement 100.0%" in capsys.readouterr().out
+
+
+def test_recipe_file_then_flags(tmp_path):
+    import argparse
+
+    from moefx.cli import add_convert_arguments, recipe_from_args
+
+    parser = add_convert_arguments(argparse.ArgumentParser())
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("num_experts: 8\ntop_k: 3\nmethod: coactivation\nrefit: true\n")
+    args = parser.parse_args(["a", "b", "--recipe", str(recipe), "--top-k", "2", "--router", "least_squares"])
+    assert recipe_from_args(args) == moefx.Recipe(num_experts=8, top_k=2, method="coactivation", refit=True,
+                                                  router="least_squares")
+    recipe.write_text("num_experts: 8\ntopk: 2\n")
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['topk'\]"):
+        recipe_from_args(parser.parse_args(["a", "b", "--recipe", str(recipe)]))
+
+
+def test_bad_input_is_refused_by_name_and_leaves_no_checkpoint(llama, tmp_path, capsys):
+    src, _ = llama
+    options = dict(num_experts=4, top_k=2, calibration_tokens=TOKENS, sequence_length=SEQUENCE, progress=False)
+    with pytest.raises(ValueError, match="has no config.json"):
+        convert_pretrained(str(tmp_path), str(tmp_path / "a"), **options)
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "x").write_text("")
+    with pytest.raises(ValueError, match="exists and is not empty"):
+        convert_pretrained(src, str(full), **options)
+    with pytest.raises(ValueError, match="gives .* tokens; 100,000 calibration tokens were asked for"):
+        convert_pretrained(src, str(tmp_path / "b"), **{**options, "calibration_tokens": 100_000})
+    bare = str(tmp_path / "bare")
+    llama_checkpoint(bare, layers=2, tokenizer=False)
+    text = tmp_path / "text.txt"
+    text.write_text("some calibration text\n")
+    with pytest.raises(ValueError, match="has no tokenizer"):
+        convert_pretrained(bare, str(tmp_path / "c"), calibration=str(text), **options)
+    with open(os.path.join(bare, INDEX)) as f:
+        shard = sorted(set(json.load(f)["weight_map"].values()))[1]
+    os.remove(os.path.join(bare, shard))
+    with pytest.raises(ValueError, match=f"not there \\({shard}\\)"):
+        convert_pretrained(bare, str(tmp_path / "d"), **options)
+    # a recipe that fails on the first block: nothing at DST
+    assert main(["convert", src, str(tmp_path / "e"), "--experts", "5", "--top-k", "2", "--quiet",
+                 "--calibration-tokens", str(TOKENS)]) == 2
+    assert "pick num_experts from" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "e")
