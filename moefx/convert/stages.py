@@ -24,7 +24,7 @@ from moefx.fit.calibrate import HiddenStats, capture_rows, collect_hidden_stats
 from moefx.fit.carve import CARVERS, NEEDS_STATISTICS, carved_layer, contiguous_groups, partition, upcycled_layer
 from moefx.fit.distill import teacher_outputs, train_moe_layers
 from moefx.fit.importance import taylor_importance
-from moefx.fit.refit import compensate, dense_output, refit
+from moefx.fit.refit import compensate, dense_output, fit_gates, refit, uniform_gates
 from moefx.fit.routers import FITTED_ROUTERS, representative_router
 from moefx.layer import MoELayer
 from moefx.recipe import Recipe
@@ -183,8 +183,9 @@ def build_layers(c: Conversion) -> None:
             group = contiguous_groups if c.rebuild else CARVERS[r.method]
             shared, groups = partition(ffn, c.stats.get(ffn.name), group, r.num_experts, r.num_shared, r.seed,
                                        c.importance.get(ffn.name))
-            layer = carved_layer(ffn, shared, groups, r.top_k, extra, fitted_router=r.fitted_router,
-                                 corrected=r.compensate or r.refit)
+            layer = carved_layer(ffn, shared, groups, r.top_k, extra, router_bias=r.fitted_router and r.biases,
+                                 corrected=(r.compensate or r.refit) and r.biases, scoring=r.gating,
+                                 renormalize=r.renormalize)
             if r.router == "representative" and not c.rebuild:
                 representative_router(layer, ffn, groups, c.stats[ffn.name].samples)
         layer.top_p, layer.min_k = r.top_p, r.min_k
@@ -242,18 +243,22 @@ def tune_layers(c: Conversion) -> None:
             rows = capture_rows(layer, c.batches, c.run, r.fit_tokens, arguments=2 if r.pregate else 1)
             x, routed_from = rows[0], (rows[1] if r.pregate else None)
             bar.update(1)
-            if layer.top_k >= layer.num_experts:  # every expert runs: the layer is exact as it is
+            if layer.top_k >= layer.num_experts:  # every expert runs: the layer is exact as it is (equal gates)
+                if r.gating != "unit":
+                    uniform_gates(layer)
                 continue
             dense = dense_output(layer, x)
-            if r.compensate or r.refit:
+            if r.compensate or (r.refit and r.biases):
                 compensate(layer, x)
             if r.fitted_router:
-                recall = FITTED_ROUTERS[r.router](layer, x, seed=r.seed, router_input=routed_from)
+                recall = FITTED_ROUTERS[r.router](layer, x, seed=r.seed, router_input=routed_from, bias=r.biases)
                 log.debug("moefx: %s %s router recall %.3f", name, r.router, recall)
-                if r.compensate or r.refit:
+                if r.compensate or (r.refit and r.biases):
                     compensate(layer, x)
-            if r.refit:
-                log.debug("moefx: %s refit relative error %.4f", name, refit(layer, x, dense))
+            if r.refit and r.gating != "unit":
+                log.debug("moefx: %s gates and refit relative error %.4f", name, fit_gates(layer, x, dense, r.biases))
+            elif r.refit:
+                log.debug("moefx: %s refit relative error %.4f", name, refit(layer, x, dense, biases=r.biases))
 
 
 def distill(c: Conversion) -> None:

@@ -11,14 +11,26 @@
   Each token's error counts relative to its dense output's norm: the few tokens with massive
   FFN outputs (BERT's [SEP] and punctuation; Sun et al. 2024) would otherwise decide the fit,
   which in all-MiniLM-L6-v2's first layer costs more downstream than it gains.
+- ``fit_gates``: router-weighted carving (Mixtral / Qwen-MoE gates, ``Recipe.gating``). The choice
+  is the top_k of the logits whatever their scale; the scale (a temperature) sets how unequal the
+  softmax / sigmoid gates are. ``fit_gates`` picks the temperature whose refit reproduces the dense
+  FFN best; near 0 the gates are uniform and the refit gives back the unit-gated layer, so the
+  router-weighted layer is at least as close on the calibration rows.
+- ``uniform_gates``: with every routed expert active a zero router gives each expert the same gate
+  (1/E for softmax or renormalised gates, 1/2 for sigmoid), and output weights divided by it give
+  back the dense FFN exactly (E a power of two; within an ulp otherwise).
 """
 from __future__ import annotations
+
+import logging
 
 import torch
 from torch import Tensor
 
 from moefx.layer import MoELayer
 from moefx.op import activate
+
+log = logging.getLogger("moefx")
 
 
 @torch.no_grad()
@@ -49,6 +61,14 @@ def expert_outputs(layer: MoELayer, x: Tensor) -> Tensor:
     return out if layer.b_out is None else out + layer.b_out.float()
 
 
+def chosen(layer: MoELayer, x: Tensor) -> Tensor:
+    """[T, E] True where the layer routes row t of ``x`` to routed expert e (gate values aside)."""
+    gates, ids = layer.routing(x)
+    full = torch.zeros(x.shape[0], layer.router.out_features, dtype=torch.bool)
+    full.scatter_(1, ids, gates != 0)
+    return full[:, :layer.num_experts]
+
+
 def selection(layer: MoELayer, x: Tensor) -> Tensor:
     """[T, E] gate of each routed expert per token as the layer routes ``x`` (0 where skipped)."""
     gates, ids = layer.routing(x)
@@ -69,7 +89,7 @@ def _ensure_expert_bias(layer: MoELayer) -> None:
 def compensate(layer: MoELayer, x: Tensor) -> None:
     """Give each expert its mean output over the calibration tokens that skip it as a standing bias."""
     _ensure_expert_bias(layer)
-    skipped = (selection(layer, x) == 0).float()                        # [T, E]
+    skipped = (~chosen(layer, x)).float()                               # [T, E]
     outputs = expert_outputs(layer, x)                                  # [T, E, H]
     mean = torch.einsum("te,teh->eh", skipped, outputs) / skipped.sum(0).clamp(min=1)[:, None]
     layer.b_out -= mean.to(layer.b_out.dtype)
@@ -77,15 +97,19 @@ def compensate(layer: MoELayer, x: Tensor) -> None:
 
 
 @torch.no_grad()
-def refit(layer: MoELayer, x: Tensor, target: Tensor, ridge: float = 1e-2, chunk: int = 4096) -> float:
+def refit(layer: MoELayer, x: Tensor, target: Tensor, ridge: float = 1e-2, chunk: int = 4096, biases: bool = True
+          ) -> float:
     """Least-squares fit of the output weights (shared and routed), the expert output biases and the
     layer bias so that the layer reproduces ``target`` (the dense FFN's output, ``dense_output``)
-    on rows ``x`` under the layer's own routing, each row's error relative to its target's norm.
+    on rows ``x`` under the layer's own routing and gate values, each row's error relative to its
+    target's norm. ``biases`` False adds no bias the layer lacks (and fits only those it has).
     Returns the relative error ||out - target|| / ||target|| after the fit."""
-    _ensure_expert_bias(layer)
+    if biases:
+        _ensure_expert_bias(layer)
     E, Fe, H = layer.num_experts, layer.expert_width, layer.hidden
-    current = [layer.w_out.float().permute(0, 2, 1).reshape(E * Fe, H), layer.b_out.float(),
-               layer.bias.float()[None]]
+    current = [layer.w_out.float().permute(0, 2, 1).reshape(E * Fe, H)]
+    current += [layer.b_out.float()] if layer.b_out is not None else []
+    current += [layer.bias.float()[None]] if layer.bias is not None else []
     if layer.shared_out is not None:
         current.insert(0, layer.shared_out.weight.float().T)
     w0 = torch.cat(current).double()
@@ -106,18 +130,72 @@ def refit(layer: MoELayer, x: Tensor, target: Tensor, ridge: float = 1e-2, chunk
         layer.shared_out.weight.copy_(solved[:width].T)
         offset = width
     layer.w_out.copy_(solved[offset:offset + E * Fe].reshape(E, Fe, H).permute(0, 2, 1))
-    layer.b_out.copy_(solved[offset + E * Fe:offset + E * Fe + E])
-    layer.bias.copy_(solved[-1])
+    offset += E * Fe
+    if layer.b_out is not None:
+        layer.b_out.copy_(solved[offset:offset + E])
+    if layer.bias is not None:
+        layer.bias.copy_(solved[-1])
     residual = sum(((_features(layer, x[s:s + chunk].float()) @ solved.float()) - target[s:s + chunk].float())
                    .pow(2).sum() for s in range(0, x.shape[0], chunk))
     return (residual / target.float().pow(2).sum()).sqrt().item()
 
 
 def _features(layer: MoELayer, x: Tensor) -> Tensor:
-    """[T, Fs + E*Fe + E + 1]: shared h, routed h times the gate, gate per expert, constant 1."""
+    """[T, Fs + E*Fe (+ E) (+ 1)]: shared h, routed h times the gate, the gate per expert (with expert output
+    biases), constant 1 (with a layer bias)."""
     gates = selection(layer, x)
-    routed = (expert_hidden(layer, x) * gates[..., None]).reshape(x.shape[0], -1)
-    parts = [routed, gates, torch.ones(x.shape[0], 1)]
+    parts = [(expert_hidden(layer, x) * gates[..., None]).reshape(x.shape[0], -1)]
+    parts += [gates] if layer.b_out is not None else []
+    parts += [torch.ones(x.shape[0], 1)] if layer.bias is not None else []
     if layer.shared_in is not None:
         parts.insert(0, layer.shared_hidden(x).float())
     return torch.cat(parts, 1)
+
+
+# logit spreads (std over calibration tokens and experts) ``fit_gates`` tries: 0.01 is uniform gates
+GATE_SPREADS = (0.01, 0.5, 1.0, 2.0, 4.0)
+
+
+@torch.no_grad()
+def fit_gates(layer: MoELayer, x: Tensor, target: Tensor, biases: bool = True, search_rows: int = 8192) -> float:
+    """Router-weighted carving: scale the fitted router's logits to each spread of ``GATE_SPREADS``, refit the
+    output weights under the gates that gives (on the first ``search_rows`` rows), keep the scale whose refit
+    is closest to ``target`` and refit on all rows. Returns the final relative error."""
+    router = layer.router
+    logits = router(x[:search_rows].to(router.weight.dtype)).float()[:, :layer.num_experts]
+    spread = logits.std().clamp(min=1e-12).item()
+    start = {name: p.detach().clone() for name, p in layer.named_parameters()}
+
+    def try_scale(scale: float, rows: Tensor, goal: Tensor) -> float:
+        for name, p in layer.named_parameters():
+            if name in start:
+                p.copy_(start[name])
+        router.weight.mul_(scale)
+        if router.bias is not None:
+            router.bias[:layer.num_experts].mul_(scale)
+        # start the refit's ridge from the carved weights at the mean gate's scale (unit-gated equivalent)
+        mean_gate = selection(layer, rows).sum() / chosen(layer, rows).sum().clamp(min=1)
+        layer.w_out.div_(mean_gate)
+        if layer.b_out is not None:
+            layer.b_out.div_(mean_gate)
+        return refit(layer, rows, goal, biases=biases)
+
+    errors = {s: try_scale(s / spread, x[:search_rows], target[:search_rows]) for s in GATE_SPREADS}
+    best = min(errors, key=errors.get)
+    log.debug("moefx: gate spreads %s -> refit errors %s", GATE_SPREADS, [round(e, 4) for e in errors.values()])
+    return try_scale(best / spread, x, target)
+
+
+@torch.no_grad()
+def uniform_gates(layer: MoELayer) -> None:
+    """Every routed expert active with router-weighted gates: a zero router gives each the same gate g, and
+    output weights divided by g make the layer the dense FFN again."""
+    E = layer.num_experts
+    layer.router.weight[:E] = 0
+    if layer.router.bias is not None:
+        layer.router.bias[:E] = 0
+    gates, _ = layer.routing(torch.zeros(1, layer.router.in_features, dtype=layer.router.weight.dtype))
+    inverse = 1 / gates[0, 0].item()
+    layer.w_out.mul_(inverse)
+    if layer.b_out is not None:
+        layer.b_out.mul_(inverse)

@@ -60,29 +60,37 @@ def oracle_scores(layer: MoELayer, x: Tensor, chunk: int = 2048) -> Tensor:
 
 
 def distill_router(layer: MoELayer, x: Tensor, epochs: int = 30, batch: int = 512, lr: float = 3e-3,
-                   seed: int = 0, min_steps: int = 300, router_input: Optional[Tensor] = None) -> float:
+                   seed: int = 0, min_steps: int = 300, router_input: Optional[Tensor] = None, bias: bool = True
+                   ) -> float:
     """Train the layer's linear router to select the oracle's top_k experts on rows ``x``.
 
     With zero-computation experts the targets come from ``free_slots`` (which also sets the constant
     experts' vectors). ``router_input``: rows the router reads instead of ``x``, row t the same token
     (pre-gating, Read-ME: the input of the block holding the layer). Returns the router's recall of
-    the target choice after training."""
+    the target choice after training; ``bias`` False trains no router bias."""
     target = router_targets(layer, x, seed, router_input)
-    return fit_router(layer, x if router_input is None else router_input, target, epochs, batch, lr, seed, min_steps)
+    return fit_router(layer, x if router_input is None else router_input, target, epochs, batch, lr, seed, min_steps,
+                      bias)
 
 
 @torch.no_grad()
 def least_squares_router(layer: MoELayer, x: Tensor, seed: int = 0, router_input: Optional[Tensor] = None,
-                         ridge: float = 1e-3) -> float:
+                         ridge: float = 1e-3, bias: bool = True) -> float:
     """Set the router, in closed form, to the ridge least-squares map from the router's input rows to
-    ``distill_router``'s 0/1 targets; returns the recall of the targets by its top_k."""
+    ``distill_router``'s 0/1 targets (without an intercept when ``bias`` is False); returns the recall of
+    the targets by its top_k."""
     target = router_targets(layer, x, seed, router_input).double()
     inputs = x if router_input is None else router_input
-    features = torch.cat([inputs.double(), torch.ones(inputs.shape[0], 1, dtype=torch.float64)], 1)
+    features = inputs.double()
+    if bias:
+        features = torch.cat([features, torch.ones(inputs.shape[0], 1, dtype=torch.float64)], 1)
     gram = features.T @ features
     gram += ridge * torch.diag(gram.diagonal().clamp(min=1e-12))
     solved = torch.linalg.solve(gram, features.T @ target)
-    set_router(layer, solved[:-1].T, solved[-1])
+    if bias:
+        set_router(layer, solved[:-1].T, solved[-1])
+    else:
+        set_router(layer, solved.T, None)
     chosen = (features @ solved).topk(layer.top_k, -1).indices
     return (target.gather(1, chosen).sum() / target.sum()).item()
 
@@ -102,9 +110,15 @@ def router_targets(layer: MoELayer, x: Tensor, seed: int, router_input: Optional
 
 
 @torch.no_grad()
-def set_router(layer: MoELayer, weight: Tensor, bias: Tensor) -> None:
-    """Copy a fitted router's weight [rows, Hr] and bias [rows] in, giving the router a bias if it had none."""
+def set_router(layer: MoELayer, weight: Tensor, bias: Optional[Tensor]) -> None:
+    """Copy a fitted router's weight [rows, Hr] and bias [rows] in, giving the router a bias if it had none;
+    ``bias`` None: no bias (a bias the router has is zeroed)."""
     router = layer.router
+    if bias is None:
+        router.weight.copy_(weight)
+        if router.bias is not None:
+            router.bias.zero_()
+        return
     if router.bias is None:
         router.bias = torch.nn.Parameter(torch.zeros(router.out_features, dtype=router.weight.dtype,
                                                      device=router.weight.device))
@@ -113,13 +127,14 @@ def set_router(layer: MoELayer, weight: Tensor, bias: Tensor) -> None:
 
 
 def fit_router(layer: MoELayer, inputs: Tensor, target: Tensor, epochs: int = 30, batch: int = 512,
-               lr: float = 3e-3, seed: int = 0, min_steps: int = 300) -> float:
+               lr: float = 3e-3, seed: int = 0, min_steps: int = 300, bias: bool = True) -> float:
     """Train every row of the layer's linear router on ``inputs`` [T, Hr] towards the multi-hot ``target``
     [T, rows] (binary cross-entropy plus a ranking margin), warm-started from the current router;
-    returns the recall of ``target`` by the trained router's top_k."""
+    returns the recall of ``target`` by the trained router's top_k. ``bias`` False: no router bias."""
     xf = inputs.float()
-    # standardise the input so one learning rate suits every layer; folded back into w, b below
-    mean, std = xf.mean(0), xf.std(0).clamp(min=1e-6)
+    # standardise the input so one learning rate suits every layer; folded back into w, b below (without a
+    # bias only the scale is standardised: a centred input would need one)
+    mean, std = xf.mean(0) if bias else xf.new_zeros(xf.shape[1]), xf.std(0).clamp(min=1e-6)
     z = (xf - mean) / std
     weight = layer.router.weight.detach().float()
     with torch.no_grad():
@@ -128,8 +143,8 @@ def fit_router(layer: MoELayer, inputs: Tensor, target: Tensor, epochs: int = 30
         w /= logits0.std().clamp(min=1e-6)
         b = torch.zeros(target.shape[1])
     w.requires_grad_(True)
-    b.requires_grad_(True)
-    optimiser = torch.optim.Adam([w, b], lr=lr)
+    b.requires_grad_(bias)
+    optimiser = torch.optim.Adam([w, b] if bias else [w], lr=lr)
     generator = torch.Generator().manual_seed(seed)
     with torch.enable_grad():  # callers may convert under no_grad
         for _ in range(max(epochs, -(-min_steps * batch // xf.shape[0]))):
@@ -138,7 +153,7 @@ def fit_router(layer: MoELayer, inputs: Tensor, target: Tensor, epochs: int = 30
     with torch.no_grad():
         new_weight = w / std
         new_bias = b - new_weight @ mean
-        set_router(layer, new_weight, new_bias)
+        set_router(layer, new_weight, new_bias if bias else None)
         chosen = (xf @ new_weight.T + new_bias).topk(layer.top_k, -1).indices
         hits = target.gather(1, chosen).sum()
     return (hits / target.sum()).item()
@@ -237,7 +252,8 @@ def _router_step(optimiser, z: Tensor, picked: Tensor, w: Tensor, b: Tensor) -> 
 
 
 
-# routers fitted to the oracle's choice on a layer's calibration rows: fit(layer, x, seed=, router_input=) -> recall
+# routers fitted to the oracle's choice on a layer's calibration rows: fit(layer, x, seed=, router_input=, bias=)
+# -> recall
 FITTED_ROUTERS = {"least_squares": least_squares_router, "distilled": distill_router}
 # "centroid" is set when carving (carve.carved_layer), "representative" from calibration statistics
 ROUTERS = ("centroid", "representative", *FITTED_ROUTERS)
