@@ -14,8 +14,8 @@
 - ``fit_gates``: router-weighted carving (Mixtral / Qwen-MoE gates, ``Recipe.gating``). The choice
   is the top_k of the logits whatever their scale; the scale (a temperature) sets how unequal the
   softmax / sigmoid gates are. ``fit_gates`` picks the temperature whose refit reproduces the dense
-  FFN best; near 0 the gates are uniform and the refit gives back the unit-gated layer, so the
-  router-weighted layer is at least as close on the calibration rows.
+  FFN best on held-out calibration rows; near 0 the gates are uniform and the refit gives back the
+  unit-gated layer, so the search includes (nearly) the unit-gated solution.
 - ``uniform_gates``: with every routed expert active a zero router gives each expert the same gate
   (1/E for softmax or renormalised gates, 1/2 for sigmoid), and output weights divided by it give
   back the dense FFN exactly (E a power of two; within an ulp otherwise).
@@ -152,38 +152,47 @@ def _features(layer: MoELayer, x: Tensor) -> Tensor:
     return torch.cat(parts, 1)
 
 
-# logit spreads (std over calibration tokens and experts) ``fit_gates`` tries: 0.01 is uniform gates
-GATE_SPREADS = (0.01, 0.5, 1.0, 2.0, 4.0)
+# logit spreads (std over calibration tokens and experts) ``fit_gates`` tries: 1e-3 is all but uniform gates
+GATE_SPREADS = (1e-3, 0.25, 0.5, 1.0, 2.0)
 
 
 @torch.no_grad()
 def fit_gates(layer: MoELayer, x: Tensor, target: Tensor, biases: bool = True, search_rows: int = 8192) -> float:
-    """Router-weighted carving: scale the fitted router's logits to each spread of ``GATE_SPREADS``, refit the
-    output weights under the gates that gives (on the first ``search_rows`` rows), keep the scale whose refit
-    is closest to ``target`` and refit on all rows. Returns the final relative error."""
+    """Router-weighted carving: scale the fitted router's logits to each spread of ``GATE_SPREADS`` and refit the
+    output weights under the gates that gives on one half of the first ``search_rows`` rows; keep the scale
+    whose layer is closest to ``target`` on the other half (held out: a sharper gate adds features the refit
+    can overfit), and refit under it on all rows. Returns the final relative error."""
     router = layer.router
-    logits = router(x[:search_rows].to(router.weight.dtype)).float()[:, :layer.num_experts]
+    rows = min(search_rows, x.shape[0])
+    half = rows // 2
+    logits = router(x[:rows].to(router.weight.dtype)).float()[:, :layer.num_experts]
     spread = logits.std().clamp(min=1e-12).item()
     start = {name: p.detach().clone() for name, p in layer.named_parameters()}
 
-    def try_scale(scale: float, rows: Tensor, goal: Tensor) -> float:
+    def refit_at(scale: float, fit_rows: Tensor, goal: Tensor) -> float:
         for name, p in layer.named_parameters():
             if name in start:
                 p.copy_(start[name])
         router.weight.mul_(scale)
         if router.bias is not None:
             router.bias[:layer.num_experts].mul_(scale)
-        # start the refit's ridge from the carved weights at the mean gate's scale (unit-gated equivalent)
-        mean_gate = selection(layer, rows).sum() / chosen(layer, rows).sum().clamp(min=1)
+        # the ridge pulls towards the carved weights at the mean gate's scale: the unit-gated starting point
+        mean_gate = selection(layer, fit_rows).sum() / chosen(layer, fit_rows).sum().clamp(min=1)
         layer.w_out.div_(mean_gate)
         if layer.b_out is not None:
             layer.b_out.div_(mean_gate)
-        return refit(layer, rows, goal, biases=biases)
+        return refit(layer, fit_rows, goal, biases=biases)
 
-    errors = {s: try_scale(s / spread, x[:search_rows], target[:search_rows]) for s in GATE_SPREADS}
+    def held_out_error(spread_wanted: float) -> float:
+        refit_at(spread_wanted / spread, x[:half], target[:half])
+        want = target[half:rows].float()
+        return ((layer(x[half:rows]).float() - want).norm() / want.norm()).item()
+
+    errors = {s: held_out_error(s) for s in GATE_SPREADS}
     best = min(errors, key=errors.get)
-    log.debug("moefx: gate spreads %s -> refit errors %s", GATE_SPREADS, [round(e, 4) for e in errors.values()])
-    return try_scale(best / spread, x, target)
+    log.debug("moefx: gate logit spreads %s -> held-out errors %s", GATE_SPREADS,
+              [round(e, 4) for e in errors.values()])
+    return refit_at(best / spread, x, target)
 
 
 @torch.no_grad()
