@@ -248,3 +248,19 @@ def test_a_failed_save_leaves_the_existing_checkpoint_and_other_files_alone(tmp_
     assert (path / "moefx.json").exists() and (path / "tokenizer.json").exists()
     assert not (path / "generation_config.json").exists()
     assert moefx.load_pretrained(str(path)) is not None
+
+
+def test_saved_carved_checkpoint_gets_moefx_kernels_back_under_torch_compile(tmp_path):
+    """The checkpoint loaded in transformers is what the moefx compile backend recognises: one moefx::moe per
+    layer, the shared expert beside it, the same logits."""
+    from tests.test_moe_blocks import compile_with_passes, moe_calls
+
+    torch.manual_seed(12)
+    moe = carved(dense_model("Llama"), num_shared=1, renormalize=False)
+    loaded = assert_loads_as(moe, tmp_path, "qwen2_moe", "Qwen2MoeForCausalLM")
+    compiled, graphs = compile_with_passes(loaded)
+    ids = torch.randint(0, VOCAB, (2, 7))
+    with torch.no_grad():
+        got, want = compiled(input_ids=ids).logits, moe(input_ids=ids).logits
+    assert len(graphs) == 1 and moe_calls(graphs[0]) == 2
+    assert float((got - want).norm() / want.norm()) <= 1e-5
