@@ -264,3 +264,17 @@ def test_saved_carved_checkpoint_gets_moefx_kernels_back_under_torch_compile(tmp
         got, want = compiled(input_ids=ids).logits, moe(input_ids=ids).logits
     assert len(graphs) == 1 and moe_calls(graphs[0]) == 2
     assert float((got - want).norm() / want.norm()) <= 1e-5
+
+
+def test_bfloat16_checkpoints_read_back_bit_exact_and_float16_qwen2_moe_is_refused(tmp_path):
+    """Below fp32 routing may legitimately differ between engines, so the save compares the files it wrote with
+    what the target class reads back; Qwen2-MoE's 1e-20 shared gate does not exist in float16."""
+    from safetensors.torch import load_file
+
+    torch.manual_seed(13)
+    moe = carved(dense_model("Llama"), num_shared=1, renormalize=False).to(torch.bfloat16)
+    moefx.save_pretrained(moe, str(tmp_path / "bf16"), layout="qwen2_moe")
+    gate = load_file(str(tmp_path / "bf16" / "model.safetensors"))["model.layers.1.mlp.shared_expert_gate.weight"]
+    assert gate.dtype == torch.bfloat16 and torch.all(gate > 0)
+    message = refusal(moe.to(torch.float16), "qwen2_moe", tmp_path / "fp16")
+    assert "float16 rounds to 0" in message and "bfloat16 or float32" in message
