@@ -45,7 +45,10 @@ class Recipe:
                                  "the dense FFN's output under the final routing")
     gating: str = _option("unit", "weight of a carved expert: 'unit' (1: all experts active reproduce the dense FFN "
                                   "exactly) or the router's 'softmax' / 'sigmoid' probability (Mixtral, Qwen-MoE; what "
-                                  "serving engines compute), with the output weights refit under those gates")
+                                  "serving engines compute), with the output weights refit under those gates (needs a "
+                                  "fitted router and refit=True). With top_k = the routed experts every combination is "
+                                  "exact: the router is zeroed, so all gates are equal (1/E, or 1/2 for unrenormalised "
+                                  "sigmoid), and the output weights are divided by that gate")
     renormalize: bool = _option(False, "gating='softmax' | 'sigmoid': divide the top_k gates by their sum (Mixtral, "
                                        "norm_topk_prob=True)")
     biases: bool = _option(True, "False: router fit and refit add no bias terms (router, expert-output and layer "
