@@ -13,8 +13,12 @@ moefx rows (co-activation split): training-free ones use closed-form solves only
 least-squares router and the refit); "S shared" spends S of the active experts on always-on
 experts of the Taylor-most-important neurons; "distilled" trains the routers with Adam
 (seconds per layer); "KD" adds end-to-end distillation steps against the dense model.
+Router-weighted rows (``gating``) weight each expert by its softmax / sigmoid router probability,
+with the output weights refit under those gates and no bias terms (``biases=False``): the layers
+serving engines load (``save_pretrained(layout="mixtral" | "qwen2_moe" | "qwen3_moe")``), next to
+the unit-gated training-free row.
 
-    PYTHONPATH=. python bench/bench_quality.py [--calibration 1400] [--eval 300]
+    PYTHONPATH=. python bench/bench_quality.py [--calibration 1400] [--eval 300] [--gating-only]
 
 ``--cross-domain`` prints the other table: the training-free recipe (co-activation split,
 least-squares router, refit), with the ridges fixed and chosen on held-out calibration sentences
@@ -151,6 +155,8 @@ def main() -> None:
     parser.add_argument("--eval", type=int, default=300, help="held-out evaluation sentences")
     parser.add_argument("--top-k", type=int, nargs="+", default=[2, 4], help="routed experts of 8 (2: 25%%, 4: 50%%)")
     parser.add_argument("--skip-baselines", action="store_true")
+    parser.add_argument("--gating-only", action="store_true",
+                        help="only the training-free unit-gated and router-weighted rows")
     parser.add_argument("--distill-steps", type=int, default=200, help="end-to-end KD steps (one batch each)")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -166,7 +172,7 @@ def main() -> None:
 
     rows = []
     for top_k in args.top_k:
-        if not args.skip_baselines:
+        if not args.skip_baselines and not args.gating_only:
             for method in ("random", "split", "coactivation"):
                 start = time.perf_counter()
                 moe = moefx.convert(model, 8, top_k, calibration, method=method, progress=False)
@@ -184,13 +190,17 @@ def main() -> None:
         shared = [(f"{s} shared (Taylor)+least-squares+refit (training-free)", top_k - s,
                    dict(router="least_squares", refit=True, num_shared=s, importance="taylor"))
                   for s in range(1, top_k // 2 + 1)]
-        for label, k, options in (
-            ("least-squares+refit (training-free)", top_k, dict(router="least_squares", refit=True)),
-            *shared,
-            ("distilled+refit", top_k, dict(router="distilled", refit=True)),
-            (f"least-squares+refit+KD {args.distill_steps} steps", top_k,
-             dict(router="least_squares", refit=True, distill_steps=args.distill_steps)),
-        ):
+        free = dict(router="least_squares", refit=True)
+        gated = [(f"least-squares+refit, {label}", top_k, dict(free, biases=False, **options)) for label, options in (
+            ("unit gates, no biases", {}),
+            ("softmax top-k renormalised, no biases (Mixtral, Qwen3-MoE)", dict(gating="softmax", renormalize=True)),
+            ("softmax, no biases (Qwen2-MoE)", dict(gating="softmax")),
+            ("sigmoid, no biases", dict(gating="sigmoid")))]
+        rest = [*shared, ("distilled+refit", top_k, dict(router="distilled", refit=True)),
+                (f"least-squares+refit+KD {args.distill_steps} steps", top_k,
+                 dict(router="least_squares", refit=True, distill_steps=args.distill_steps))]
+        for label, k, options in (("least-squares+refit (training-free)", top_k, free), *gated,
+                                  *([] if args.gating_only else rest)):
             start = time.perf_counter()
             moe = moefx.convert(model, 8, k, calibration, method="coactivation", progress=False,
                                 fit_tokens=32768, **options)
@@ -199,11 +209,11 @@ def main() -> None:
 
     print(f"\nall-MiniLM-L6-v2, 8 experts, {args.calibration} calibration / {args.eval} held-out sentences "
           "(Python docs); mean sentence-embedding cosine to the dense model")
-    header = f"{'family':<12} {'split':<13} {'router':<55} {'active FFN':>10} {'cosine':>7} {'convert s':>9}"
+    header = f"{'family':<12} {'split':<13} {'router':<72} {'active FFN':>10} {'cosine':>7} {'convert s':>9}"
     print(header)
     print("-" * len(header))
     for family, method, router, top_k, cosine, seconds in rows:
-        print(f"{family:<12} {method:<13} {router:<55} {top_k / 8:>10.0%} {cosine:>7.4f} {seconds:>9.1f}")
+        print(f"{family:<12} {method:<13} {router:<72} {top_k / 8:>10.0%} {cosine:>7.4f} {seconds:>9.1f}")
 
 
 if __name__ == "__main__":

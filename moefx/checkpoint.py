@@ -7,17 +7,24 @@ the dense model from the config, converts it again with the recipe (tracing on t
 the carving itself is discarded) and loads the saved weights strictly, so routers, refitted
 experts and biases come back exactly.
 
-``save_pretrained(moe, path, layout="mixtral" | "qwen2_moe")`` instead writes a checkpoint that
-transformers loads with its own MoE classes (Mixtral, Jiang et al. 2024; Qwen1.5-MoE / Qwen2-MoE)
-without moefx: an upcycled Llama/Mistral becomes a ``MixtralForCausalLM``, an upcycled Qwen2 a
-``Qwen2MoeForCausalLM``. Only layers those classes compute exactly are written; anything else
-(carved experts with unit gates, biases, dynamic-k, zero-computation experts) is refused by name.
+``save_pretrained(moe, path, layout="mixtral" | "qwen2_moe" | "qwen3_moe")`` instead writes a
+checkpoint that transformers (and serving engines: vLLM, SGLang, llama.cpp) load with their own MoE
+classes, without moefx: Mixtral (Jiang et al. 2024) from Llama/Mistral, Qwen1.5-MoE / Qwen2-MoE from
+Llama/Mistral/Qwen2, Qwen3-MoE from Qwen3. They hold upcycled layers and router-weighted carved ones
+(``Recipe.gating="softmax"``, ``biases=False``). Only layers every engine computes the same way are
+written; anything else (unit gates, biases, dynamic-k, zero-computation experts, a ``norm_topk_prob``
+llama.cpp ignores) is refused by layer, with an option or layout that works. The checkpoint is
+written to a temporary directory, loaded back with the target class and checked (logits within
+1e-5 relative at fp32, the same greedy tokens) before its files replace those in ``path``, so a
+failed save leaves an existing checkpoint as it was.
 """
 from __future__ import annotations
 
 import copy
 import json
 import os
+import shutil
+import tempfile
 import warnings
 from typing import Any, Optional
 
@@ -31,17 +38,19 @@ from moefx.runtime import call_model
 from moefx.shards import INDEX, shard_files
 
 WEIGHTS, RECIPE, EXAMPLE = "model.safetensors", "moefx.json", "moefx_example.safetensors"
-LAYOUTS = ("moefx", "mixtral", "qwen2_moe")
+LAYOUTS = ("moefx", "mixtral", "qwen2_moe", "qwen3_moe")
 
 
 def save_pretrained(moe: nn.Module, path: str, layout: str = "moefx") -> None:
     """Write ``moe`` (returned by ``moefx.convert``) to directory ``path``.
 
     layout: "moefx" (weights + conversion recipe; load with ``moefx.load_pretrained``), or
-    "mixtral" / "qwen2_moe": a transformers checkpoint that ``AutoModelForCausalLM.from_pretrained``
-    loads as ``MixtralForCausalLM`` / ``Qwen2MoeForCausalLM`` (from an upcycled Llama/Mistral /
-    Qwen2). Before writing it, an fp32/fp64 model is run on the stored calibration row in both forms
-    and the logits compared.
+    "mixtral" / "qwen2_moe" / "qwen3_moe": a transformers checkpoint that
+    ``AutoModelForCausalLM.from_pretrained`` loads as ``MixtralForCausalLM`` (from Llama/Mistral) /
+    ``Qwen2MoeForCausalLM`` (Llama/Mistral/Qwen2) / ``Qwen3MoeForCausalLM`` (Qwen3). Such a checkpoint is
+    loaded back with that class before the call returns and, for an fp32/fp64 model, must give the
+    converted model's logits and greedy tokens. Files go to a temporary directory first and replace
+    those in ``path`` only once written (and checked), so a failed save leaves ``path`` as it was.
     """
     from safetensors.torch import save_file, save_model
 
@@ -53,22 +62,53 @@ def save_pretrained(moe: nn.Module, path: str, layout: str = "moefx") -> None:
                          "moefx.convert returned")
     example = moe.moefx_example
     if layout != "moefx":
-        _save_transformers_layout(moe, path, layout, example)
+        _save_transformers_layout(moe, path, layout, example, recipe)
         return
-    os.makedirs(path, exist_ok=True)
-    save_model(moe, os.path.join(path, WEIGHTS))
-    kind = "dict" if isinstance(example, dict) else "tuple" if isinstance(example, (tuple, list)) else "tensor"
-    items = example if isinstance(example, dict) else {str(i): v for i, v in enumerate(
-        example if kind == "tuple" else [example])}
-    tensors = {k: v.contiguous() for k, v in items.items() if isinstance(v, torch.Tensor)}
-    constants = {k: v for k, v in items.items() if not isinstance(v, torch.Tensor)}
-    save_file(tensors, os.path.join(path, EXAMPLE))
-    config = getattr(moe, "config", None)
-    if config is not None and hasattr(config, "save_pretrained"):
-        config.save_pretrained(path)
-    meta = dict(recipe=recipe.to_dict(), example_kind=kind, example_constants=constants, model_class=type(moe).__name__)
-    with open(os.path.join(path, RECIPE), "w") as f:
-        json.dump(meta, f, indent=2)
+
+    def write(directory: str) -> None:
+        save_model(moe, os.path.join(directory, WEIGHTS))
+        kind = "dict" if isinstance(example, dict) else "tuple" if isinstance(example, (tuple, list)) else "tensor"
+        items = example if isinstance(example, dict) else {str(i): v for i, v in enumerate(
+            example if kind == "tuple" else [example])}
+        tensors = {k: v.contiguous() for k, v in items.items() if isinstance(v, torch.Tensor)}
+        constants = {k: v for k, v in items.items() if not isinstance(v, torch.Tensor)}
+        save_file(tensors, os.path.join(directory, EXAMPLE))
+        config = getattr(moe, "config", None)
+        if config is not None and hasattr(config, "save_pretrained"):
+            config.save_pretrained(directory)
+        meta = dict(recipe=recipe.to_dict(), example_kind=kind, example_constants=constants,
+                    model_class=type(moe).__name__)
+        with open(os.path.join(directory, RECIPE), "w") as f:
+            json.dump(meta, f, indent=2)
+
+    _write_atomically(path, write)
+
+
+# files a save writes that a later save into the same directory must not leave behind
+_CHECKPOINT_FILES = (WEIGHTS, RECIPE, EXAMPLE, "config.json", "generation_config.json", "model.safetensors.index.json")
+
+
+def _write_atomically(path: str, write, check=None) -> None:
+    """``write(directory)`` into a temporary directory beside ``path``, ``check(directory)`` it, then move its
+    files into ``path`` (each move atomic), removing checkpoint files of an earlier save that this one did
+    not write. Other files in ``path`` (a tokenizer) stay. Nothing in ``path`` changes if either raises."""
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(path))}.moefx-", dir=parent)
+    try:
+        write(staging)
+        if check is not None:
+            check(staging)
+        os.makedirs(path, exist_ok=True)
+        written = set(os.listdir(staging))
+        for name in os.listdir(path):
+            stale = name in _CHECKPOINT_FILES or (name.startswith("model-") and name.endswith(".safetensors"))
+            if stale and name not in written:
+                os.remove(os.path.join(path, name))
+        for name in written:
+            os.replace(os.path.join(staging, name), os.path.join(path, name))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def load_pretrained(path: str, model: Optional[nn.Module] = None) -> nn.Module:
@@ -78,8 +118,9 @@ def load_pretrained(path: str, model: Optional[nn.Module] = None) -> nn.Module:
     from safetensors.torch import load_file, load_model
 
     if not os.path.exists(os.path.join(path, RECIPE)):
-        raise ValueError(f"moefx.load_pretrained: {path} has no {RECIPE}; a checkpoint saved with layout='mixtral' "
-                         "or 'qwen2_moe' loads without moefx: transformers.AutoModelForCausalLM.from_pretrained(path)")
+        raise ValueError(f"moefx.load_pretrained: {path} has no {RECIPE}; a checkpoint saved with layout='mixtral', "
+                         "'qwen2_moe' or 'qwen3_moe' loads without moefx: "
+                         "transformers.AutoModelForCausalLM.from_pretrained(path)")
     meta = _read_meta(os.path.join(path, RECIPE))
     built = model is None
     if built:
@@ -147,15 +188,23 @@ def _dense_from_config(path: str, class_name: str) -> nn.Module:
 
 # transformers MoE class each layout writes, and the dense causal LMs whose attention it reproduces
 _TARGETS = {"mixtral": ("MixtralConfig", "MixtralForCausalLM", ("LlamaForCausalLM", "MistralForCausalLM")),
-            "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", ("Qwen2ForCausalLM",))}
-# dense config entries that describe the FFN or the checkpoint, not the attention the MoE model keeps
+            "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM",
+                          ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")),
+            "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", ("Qwen3ForCausalLM",))}
+# dense config entries that describe the FFN, the attention's biases and windows (set by _attention_fields) or
+# the checkpoint, not what the MoE model keeps as it is
 _NOT_CARRIED = {"architectures", "model_type", "transformers_version", "_name_or_path", "intermediate_size", "dtype",
-                "torch_dtype"}
+                "torch_dtype", "layer_types", "use_sliding_window", "sliding_window", "max_window_layers",
+                "attention_bias", "qkv_bias", "mlp_bias"}
+# Qwen2-MoE's shared expert is sigmoid(x . g) * shared(x): g = 1e-20 everywhere gives 1/2 for every x at
+# fp32/bf16 in transformers and in llama.cpp (which computes that sigmoid as silu(z) / z: NaN for g = 0)
+SHARED_GATE = 1e-20
 
 
-def _save_transformers_layout(moe: nn.Module, path: str, layout: str, example: Any) -> None:
-    """Build the transformers MoE model on the meta device, give it the converted model's tensors
-    (experts re-laid out), check its logits and let its own ``save_pretrained`` write the files."""
+def _save_transformers_layout(moe: nn.Module, path: str, layout: str, example: Any, recipe: Recipe) -> None:
+    """Build the transformers MoE model on the meta device, give it the converted model's tensors (experts
+    re-laid out), check its logits, write it with its own ``save_pretrained`` to a temporary directory, load
+    that back with the class and check it again before the files move into ``path``."""
     import transformers
 
     config_name, class_name, sources = _TARGETS[layout]
@@ -164,20 +213,33 @@ def _save_transformers_layout(moe: nn.Module, path: str, layout: str, example: A
         raise ValueError(f"moefx.save_pretrained: layout={layout!r} writes a {class_name}, whose attention matches "
                          f"{' / '.join(sources)}; this model is a {type(moe).__name__}: "
                          + (f"use layout={other[0]!r}" if other else "save with the default layout='moefx'"))
+    dtype = next(moe.parameters()).dtype
+    if layout == "qwen2_moe" and dtype == torch.float16:
+        raise ValueError(f"moefx.save_pretrained: {class_name}'s shared expert needs a gate vector of {SHARED_GATE} "
+                         "(so that its sigmoid is 1/2 in every engine), which float16 rounds to 0: cast the model to "
+                         "bfloat16 or float32 before saving")
     layers = _moe_layers(moe)
-    shape = _moe_shape(layers, layout, class_name)
-    config = _target_config(moe.config, getattr(transformers, config_name), layout, shape)
-    with torch.device("meta"), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "Initializing zero-element tensors")  # Qwen2-MoE without shared expert
+    shape = _moe_shape(layers, layout, class_name, type(moe).__name__, recipe)
+    config = _target_config(moe.config, getattr(transformers, config_name), layout, shape, class_name)
+    with torch.device("meta"):
         target = getattr(transformers, class_name)(config)
     _load_converted(target, moe, layers, layout, class_name)
     target.generation_config = copy.deepcopy(moe.generation_config)
     target.eval()
-    _check_logits(moe, target, example, class_name)
-    target.save_pretrained(path)
-    for stale in (RECIPE, EXAMPLE):  # a moefx-layout save left in the same directory would describe other weights
-        if os.path.exists(os.path.join(path, stale)):
-            os.remove(os.path.join(path, stale))
+    _check_logits(moe, target, example, class_name, "built from this model")
+
+    def check(directory: str) -> None:
+        loaded = getattr(transformers, class_name).from_pretrained(directory, dtype=dtype).eval()
+        _check_logits(moe, loaded, example, class_name, "loaded from the written checkpoint")
+        _check_generation(moe, loaded, example, class_name)
+        if dtype not in (torch.float32, torch.float64):  # logits are compared at fp32/fp64 only: compare the files
+            written = loaded.state_dict()
+            for key, tensor in target.state_dict().items():
+                if key in written and not torch.equal(written[key].cpu(), tensor.cpu()):
+                    raise ValueError(f"moefx.save_pretrained: {key} reads back from the {class_name} checkpoint "
+                                     "differently than it was written; nothing was written")
+
+    _write_atomically(path, target.save_pretrained, check)
 
 
 def _moe_layers(moe: nn.Module) -> list[MoELayer]:
@@ -190,19 +252,17 @@ def _moe_layers(moe: nn.Module) -> list[MoELayer]:
         mlp = block.mlp
         if not isinstance(mlp, fx.GraphModule):
             raise ValueError(f"moefx.save_pretrained: {name} was not converted (it is still a dense "
-                             f"{type(mlp).__name__}); the Mixtral and Qwen2-MoE layouts put experts in every layer: "
+                             f"{type(mlp).__name__}); the transformers MoE layouts put experts in every layer: "
                              "save with the default layout='moefx'")
-        nodes = list(mlp.graph.nodes)
-        calls = [n for n in nodes if n.op == "call_module"]
+        calls = [n for n in mlp.graph.nodes if n.op == "call_module"]
         layer = mlp.get_submodule(calls[0].target) if len(calls) == 1 else None
         if isinstance(layer, MoELayer) and len(calls[0].args) > 1:
             raise ValueError(f"moefx.save_pretrained: {name}.moe routes from another tensor than its input "
-                             "(pregate); Mixtral and Qwen2-MoE route every layer from its own input: convert without "
-                             "pregate or save with the default layout='moefx'")
-        if (len(nodes) != 3 or not isinstance(layer, MoELayer) or calls[0].args != (nodes[0],) or calls[0].kwargs
-                or nodes[2].args != (calls[0],)):
+                             "(pregate); the transformers MoE layouts route every layer from its own input: convert "
+                             "without pregate or save with the default layout='moefx'")
+        if not isinstance(layer, MoELayer) or not _only_call_on_input(mlp, calls[0]):
             raise ValueError(f"moefx.save_pretrained: {name} is not one MoE layer applied to its input "
-                             f"({len(nodes)} graph nodes); save with the default layout='moefx'")
+                             f"({len(mlp.graph.nodes)} graph nodes); save with the default layout='moefx'")
         layers.append(layer)
         pieces.add(name)
     extra = [n for n, m in moe.named_modules() if isinstance(m, fx.GraphModule) and n not in pieces]
@@ -212,45 +272,86 @@ def _moe_layers(moe: nn.Module) -> list[MoELayer]:
     return layers
 
 
-def _refusal(layer: MoELayer, layout: str, class_name: str) -> Optional[str]:
-    """Why ``layer`` is not what ``class_name`` computes, with the fix; None when it is."""
+def _only_call_on_input(piece, call) -> bool:
+    """Whether the traced ``piece`` returns ``call`` applied to its single input and computes nothing else."""
+    import operator
+
+    from moefx.convert.trace import graph_inputs
+
+    computing = [n for n in piece.graph.nodes if n.op not in ("placeholder", "get_attr", "output")]
+    (x,) = call.args if len(call.args) == 1 else (None,)
+    unpacks = (x is not None and x.op == "call_function" and x.target is operator.getitem and x.args[1] == 0
+               and x.args[0].target is graph_inputs)
+    output = next(n for n in piece.graph.nodes if n.op == "output")
+    return (unpacks and piece.moefx_call.num_inputs == 1 and not call.kwargs and output.args == (call,)
+            and len(computing) == 3)
+
+
+def _nonzero(bias: Optional[torch.Tensor]) -> bool:
+    return bias is not None and bool(bias.detach().ne(0).any())
+
+
+def _carve_for(layout: str, recipe: Recipe) -> str:
+    """The convert options that give carved layers ``layout`` can hold."""
+    renormalize = "renormalize=False" if layout == "qwen2_moe" else "renormalize=True"
+    method = "" if not recipe.upcycle else "method='coactivation', "
+    return f"convert with {method}gating='softmax', {renormalize}, router='least_squares', refit=True, biases=False"
+
+
+def _problem(layer: MoELayer, layout: str, class_name: str, recipe: Recipe) -> Optional[tuple[str, str]]:
+    """(what ``class_name`` cannot compute of ``layer``, the option that fixes it), or None when it computes
+    the layer exactly, in every engine that reads ``layout``."""
     keep = "save with the default layout='moefx'"
+    all_active = layer.top_k >= layer.num_experts
     if not layer.gated or layer.activation != "silu":
-        return (f"experts compute activation={layer.activation!r}, gated={layer.gated}; {class_name} experts "
-                f"compute silu(gate) * up: {keep}")
+        return (f"computes activation={layer.activation!r}, gated={layer.gated}; {class_name} experts compute "
+                "silu(gate) * up", keep)
     if layer.scoring != "softmax":
-        return (f"scoring={layer.scoring!r}" + (" (carved experts enter with weight 1 each)" if layer.scoring == "unit"
-                                                else "") + f"; {class_name} weights experts by the softmax of the "
-                f"router logits: convert with method='upcycle' or {keep}")
+        unit = " (carved experts enter with weight 1 each)" if layer.scoring == "unit" else ""
+        return (f"has scoring={layer.scoring!r}{unit}; {class_name} weights experts by the softmax of the router "
+                "logits", _carve_for(layout, recipe))
     if layer.top_p < 1.0:
-        return f"top_p={layer.top_p} (dynamic-k); {class_name} routes exactly top_k experts: convert with top_p=1.0"
+        return f"has top_p={layer.top_p} (dynamic-k); {class_name} routes exactly top_k experts", "convert with top_p=1.0"
     if layer.num_zero or layer.num_copy or layer.const_experts is not None:
-        return f"has zero-computation experts; {class_name} has none: {keep}"
+        return (f"has zero-computation experts; {class_name} has none",
+                "convert with num_zero=0, num_copy=0, num_const=0")
     if layer.gate_scale != 1.0:
-        return f"gate_scale={layer.gate_scale}; {class_name} applies none: {keep}"
-    biases = [n for n, b in (("b_in", layer.b_in), ("b_out", layer.b_out), ("bias", layer.bias),
-                             ("router.bias", layer.router.bias)) if b is not None]
-    if biases:
-        return (f"has {', '.join(biases)}; {class_name} experts and router have no biases (refit, router "
-                f"distillation, granularity > 1 and dense FFN biases add them): {keep}")
-    if layout == "mixtral" and layer.shared_width:
-        return f"has a shared expert (shared_width={layer.shared_width}); {class_name} has none: use layout='qwen2_moe'"
-    if layout == "mixtral" and not layer.renormalize and layer.top_k < layer.num_experts:
-        return (f"renormalize=False; {class_name} renormalises the top-k gates: use layout='qwen2_moe' "
-                "(norm_topk_prob=False)")
+        return f"has gate_scale={layer.gate_scale}; {class_name} applies none", "convert with granularity=1"
+    if _nonzero(layer.b_in):
+        return (f"has b_in (the dense FFN's biases); {class_name} experts have none", keep)
+    fitted = [n for n, b in (("b_out", layer.b_out), ("bias", layer.bias), ("router.bias", layer.router.bias))
+              if _nonzero(b)]
+    if fitted:
+        dense_bias = recipe.upcycle or not recipe.biases
+        return (f"has {', '.join(fitted)}; {class_name} experts and router have no biases",
+                keep if dense_bias else "convert with biases=False (the router fit and refit then add none)")
+    if layout in ("mixtral", "qwen3_moe") and layer.shared_width:
+        return (f"has a shared expert (shared_width={layer.shared_width}); {class_name} has none",
+                "convert with num_shared=0")
+    if layout == "mixtral" and not layer.renormalize and not all_active:
+        return f"has renormalize=False; {class_name} renormalises the top-k gates", "convert with renormalize=True"
+    if layout == "qwen3_moe" and not layer.renormalize and not all_active:
+        return (f"has renormalize=False; llama.cpp's qwen3moe renormalises the top-k gates whatever norm_topk_prob "
+                "says", "convert with renormalize=True")
+    if layout == "qwen2_moe" and layer.renormalize and not all_active:
+        fix = _carve_for(layout, recipe) if recipe.upcycle else "convert with renormalize=False"
+        return ("has renormalize=True; llama.cpp's qwen2moe never renormalises the top-k gates (it ignores "
+                "norm_topk_prob), so the checkpoint would run there as another model", fix)
     return None
 
 
-def _moe_shape(layers: list[MoELayer], layout: str, class_name: str) -> dict:
+def _moe_shape(layers: list[MoELayer], layout: str, class_name: str, model_class: str, recipe: Recipe) -> dict:
     """The MoE config entries, which the target class shares across layers."""
     shapes = []
     for i, layer in enumerate(layers):
-        why = _refusal(layer, layout, class_name)
-        if why:
-            raise ValueError(f"moefx.save_pretrained: model.layers.{i}.mlp.moe {why}")
+        problem = _problem(layer, layout, class_name, recipe)
+        if problem:
+            works = [other for other, (_, _, sources) in _TARGETS.items() if other != layout and model_class in sources
+                     and all(_problem(each, other, _TARGETS[other][1], recipe) is None for each in layers)]
+            fix = f"save with layout={works[0]!r}" if works else problem[1]
+            raise ValueError(f"moefx.save_pretrained: model.layers.{i}.mlp.moe {problem[0]}: {fix}")
         shapes.append(dict(num_experts=layer.num_experts, top_k=layer.top_k, expert_width=layer.expert_width,
-                           shared_width=layer.shared_width,
-                           renormalize=layer.renormalize or layer.top_k == layer.num_experts))
+                           shared_width=layer.shared_width))
     for i, shape in enumerate(shapes):
         differ = [k for k in shape if shape[k] != shapes[0][k]]
         if differ:
@@ -260,18 +361,51 @@ def _moe_shape(layers: list[MoELayer], layout: str, class_name: str) -> dict:
     return shapes[0]
 
 
-def _target_config(dense, config_class, layout: str, shape: dict):
+def _windows(dense) -> list[Optional[int]]:
+    """The sliding window of each dense decoder layer (None: full attention)."""
+    window = getattr(dense, "sliding_window", None) or None
+    types = getattr(dense, "layer_types", None)
+    if types is None:
+        return [window] * dense.num_hidden_layers
+    return [window if kind == "sliding_attention" else None for kind in types]
+
+
+def _attention_fields(dense, layout: str, class_name: str) -> dict:
+    """The target config entries that make its attention the dense model's: biases and sliding windows."""
+    windows = _windows(dense)
+    sizes = {w for w in windows if w is not None}
+    uniform = len(set(windows)) == 1
+    if len(sizes) > 1 or (layout != "qwen2_moe" and not uniform):
+        raise ValueError(f"moefx.save_pretrained: the model's attention uses sliding windows {windows} per layer; "
+                         f"{class_name} has one window for all layers: save with the default layout='moefx'"
+                         + (" or layout='qwen2_moe'" if len(sizes) == 1 and "Qwen2" in class_name else ""))
+    window = next(iter(sizes), None)
+    if layout == "mixtral":
+        return dict(sliding_window=window)
+    if layout == "qwen3_moe":
+        return dict(use_sliding_window=window is not None, sliding_window=window,
+                    attention_bias=bool(getattr(dense, "attention_bias", False)))
+    qkv_bias = dense.model_type == "qwen2" or bool(getattr(dense, "attention_bias", False))
+    return dict(qkv_bias=qkv_bias, use_sliding_window=window is not None, sliding_window=window,
+                layer_types=["sliding_attention" if w else "full_attention" for w in windows])
+
+
+def _target_config(dense, config_class, layout: str, shape: dict, class_name: str):
     """The dense config's attention, embedding and norm entries plus the MoE entries."""
     known = set(config_class().to_dict()) | {"head_dim"}
     fields = {k: v for k, v in dense.to_dict().items() if k in known and k not in _NOT_CARRIED}
+    fields.update(_attention_fields(dense, layout, class_name))
     fields.update(hidden_act="silu", num_experts_per_tok=shape["top_k"])
     if layout == "mixtral":
         fields.update(num_local_experts=shape["num_experts"], intermediate_size=shape["expert_width"])
-    else:
-        fields.update(num_experts=shape["num_experts"], moe_intermediate_size=shape["expert_width"],
-                      intermediate_size=dense.intermediate_size, norm_topk_prob=shape["renormalize"],
-                      shared_expert_intermediate_size=shape["shared_width"], decoder_sparse_step=1,
-                      mlp_only_layers=[])
+        return config_class(**fields)
+    fields.update(num_experts=shape["num_experts"], moe_intermediate_size=shape["expert_width"],
+                  intermediate_size=dense.intermediate_size, decoder_sparse_step=1, mlp_only_layers=[],
+                  # qwen2moe in llama.cpp never renormalises, qwen3moe always does (_problem refuses the others)
+                  norm_topk_prob=layout == "qwen3_moe")
+    if layout == "qwen2_moe":
+        # a layer without shared expert gets an inert one of width 1 (zero weights): engines fail on width 0
+        fields.update(shared_expert_intermediate_size=shape["shared_width"] or 1)
     return config_class(**fields)
 
 
@@ -318,16 +452,19 @@ def _block_tensors(layer: MoELayer, prefix: str, keys: set, layout: str) -> dict
             for name, weight in zip(names, (gate[e], up[e], down[e])):
                 tensors[f"{prefix}experts.{e}.{name}.weight"] = weight.contiguous()
     if layout == "qwen2_moe":
-        # y = sigmoid(shared_expert_gate(x)) * shared(x): a zero gate gives 1/2, the doubled down projection
-        # makes it moefx's always-on shared expert with weight 1 (exact: both factors are powers of two)
+        # y = sigmoid(shared_expert_gate(x)) * shared(x) with the gate at 1/2 (SHARED_GATE): the doubled down
+        # projection makes it moefx's always-on shared expert of weight 1 (exact: powers of two)
         hidden, dtype, device = layer.hidden, layer.w_in.dtype, layer.w_in.device
-        width = layer.shared_width
-        shared_in = layer.shared_in.weight.detach() if width else torch.empty(0, hidden, dtype=dtype, device=device)
-        shared_out = layer.shared_out.weight.detach() if width else torch.empty(hidden, 0, dtype=dtype, device=device)
+        if layer.shared_width:
+            shared_in, shared_out = layer.shared_in.weight.detach(), 2 * layer.shared_out.weight.detach()
+        else:  # inert: silu(0) * 0 = 0, times a zero down projection
+            shared_in = torch.zeros(2, hidden, dtype=dtype, device=device)
+            shared_out = torch.zeros(hidden, 1, dtype=dtype, device=device)
         tensors.update({prefix + "shared_expert.gate_proj.weight": shared_in[0::2].contiguous(),
                         prefix + "shared_expert.up_proj.weight": shared_in[1::2].contiguous(),
-                        prefix + "shared_expert.down_proj.weight": 2 * shared_out,
-                        prefix + "shared_expert_gate.weight": torch.zeros(1, hidden, dtype=dtype, device=device)})
+                        prefix + "shared_expert.down_proj.weight": shared_out,
+                        prefix + "shared_expert_gate.weight": torch.full((1, hidden), SHARED_GATE, dtype=dtype,
+                                                                         device=device)})
     return tensors
 
 
@@ -345,20 +482,48 @@ def _rebuild_meta_buffers(target: nn.Module, moe: nn.Module) -> None:
         setattr(target.get_submodule(parent), child, type(module)(target.config).to(device))
 
 
-def _check_logits(moe: nn.Module, target: nn.Module, example: Any, class_name: str) -> None:
+def _evaluating(moe: nn.Module):
+    """Context: ``moe`` in eval mode, gradients off; its mode restored after."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def scope():
+        was_training = moe.training
+        moe.eval()
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            moe.train(was_training)
+    return scope()
+
+
+def _check_logits(moe: nn.Module, target: nn.Module, example: Any, class_name: str, which: str) -> None:
     """The written model must compute the converted one (checked at fp32/fp64, where routing agrees)."""
     if next(moe.parameters()).dtype not in (torch.float32, torch.float64):
         return
-    was_training = moe.training
-    moe.eval()
-    try:
-        with torch.no_grad():
-            want = call_model(moe, example).logits
-            got = call_model(target, example).logits
-    finally:
-        moe.train(was_training)
+    with _evaluating(moe):
+        want = call_model(moe, example).logits
+        got = call_model(target, example).logits
     error = float((got - want).norm() / want.norm())
-    if not error <= 1e-4:
-        raise ValueError(f"moefx.save_pretrained: the {class_name} built from this model computes logits with "
-                         f"relative error {error:.2e} on the calibration row; nothing was written: save with the "
-                         "default layout='moefx'")
+    if not error <= 1e-5:
+        raise ValueError(f"moefx.save_pretrained: the {class_name} {which} computes logits with relative error "
+                         f"{error:.2e} on the calibration row; nothing was written: save with the default "
+                         "layout='moefx'")
+
+
+def _check_generation(moe: nn.Module, loaded: nn.Module, example: Any, class_name: str) -> None:
+    """Greedy decoding from the start of the calibration row gives the same tokens in both models (fp32/fp64)."""
+    ids = example.get("input_ids") if isinstance(example, dict) else example
+    if next(moe.parameters()).dtype not in (torch.float32, torch.float64) or not isinstance(ids, torch.Tensor):
+        return
+    prompt = ids[:1, :8]
+    options = dict(max_new_tokens=4, do_sample=False, attention_mask=torch.ones_like(prompt),
+                   pad_token_id=moe.generation_config.pad_token_id or moe.generation_config.eos_token_id or 0)
+    with _evaluating(moe):
+        want, got = moe.generate(prompt, **options), loaded.generate(prompt, **options)
+    if not torch.equal(want, got):
+        raise ValueError(f"moefx.save_pretrained: greedy decoding of the {class_name} loaded from the written "
+                         f"checkpoint gives {got[0, prompt.shape[1]:].tolist()}, the converted model "
+                         f"{want[0, prompt.shape[1]:].tolist()}; nothing was written: save with the default "
+                         "layout='moefx'")

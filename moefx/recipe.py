@@ -16,6 +16,7 @@ from moefx.fit.routers import FITTED_ROUTERS, ROUTERS
 
 METHODS = ("upcycle", *CARVERS)
 IMPORTANCES = ("activation", "taylor")
+GATINGS = ("unit", "softmax", "sigmoid")
 PREGATES = ("block",)
 
 
@@ -43,6 +44,17 @@ class Recipe:
     compensate: bool = _option(False, "give every expert its mean output over the tokens that skip it as a bias")
     refit: bool = _option(False, "closed-form ridge least-squares fit of the experts' output weights and biases to "
                                  "the dense FFN's output under the final routing")
+    gating: str = _option("unit", "weight of a carved expert: 'unit' (1: all experts active reproduce the dense FFN "
+                                  "exactly) or the router's 'softmax' / 'sigmoid' probability (Mixtral, Qwen-MoE; what "
+                                  "serving engines compute), with the output weights refit under those gates (needs a "
+                                  "fitted router and refit=True). With top_k = the routed experts every combination is "
+                                  "exact: the router is zeroed, so all gates are equal (1/E, or 1/2 for unrenormalised "
+                                  "sigmoid), and the output weights are divided by that gate")
+    renormalize: bool = _option(False, "gating='softmax' | 'sigmoid': divide the top_k gates by their sum (Mixtral, "
+                                       "norm_topk_prob=True)")
+    biases: bool = _option(True, "False: router fit and refit add no bias terms (router, expert-output and layer "
+                                 "biases), which the transformers MoE layouts (save_pretrained layout='mixtral', "
+                                 "'qwen2_moe', 'qwen3_moe') cannot hold")
     top_p: float = _option(1.0, "dynamic-k (Huang et al. 2024): keep routed experts while the router's softmax "
                                 "mass before them is below top_p")
     min_k: int = _option(1, "dynamic-k: at least this many routed experts per token")
@@ -77,6 +89,7 @@ class Recipe:
         self._check_counts()
         self._check_method()
         self._check_routing()
+        self._check_gating()
 
     def _check_types(self) -> None:
         for f in dataclasses.fields(self):
@@ -190,6 +203,24 @@ class Recipe:
             if self.compensate or self.refit:
                 fail("compensate and refit fit the experts under the routing of the FFN's own input; with pregate "
                      "use neither")
+
+    def _check_gating(self) -> None:
+        if self.gating not in GATINGS:
+            fail(f"gating={self.gating!r} is not one of {GATINGS}")
+        if self.upcycle and (self.gating != "unit" or self.renormalize or not self.biases):
+            fail("gating, renormalize and biases shape carved experts; method='upcycle' always weights its copies by "
+                 "renormalised softmax gates: leave them at their defaults, or use method='split' or 'coactivation'")
+        if self.gating == "unit":
+            if self.renormalize:
+                fail("renormalize divides router probabilities by their sum; unit gates are 1 each: set "
+                     "gating='softmax' or 'sigmoid' (or renormalize=False)")
+        elif not (self.fitted_router and self.refit):
+            fail(f"gating={self.gating!r} weights each expert by the router's probability, which makes sense only for a "
+                 "router fitted to the experts (router='least_squares' or 'distilled') and scales every expert's "
+                 "output, which the output weights must be refit under (refit=True); pass both, or gating='unit'")
+        if not self.biases and (self.compensate or self.zero_computation):
+            fail("biases=False leaves the layers without bias terms, but compensate is an expert-output bias and "
+                 "zero-computation experts are switched off by a router bias; drop those options or keep biases=True")
 
     @property
     def zero_computation(self) -> int:

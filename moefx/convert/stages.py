@@ -25,7 +25,7 @@ from moefx.fit.calibrate import HiddenStats, capture_rows, collect_hidden_stats
 from moefx.fit.carve import CARVERS, NEEDS_STATISTICS, carved_layer, contiguous_groups, partition, upcycled_layer
 from moefx.fit.distill import teacher_outputs, train_moe_layers
 from moefx.fit.importance import taylor_importance
-from moefx.fit.refit import compensate, dense_output, refit
+from moefx.fit.refit import compensate, dense_output, fit_gates, refit, uniform_gates
 from moefx.fit.routers import FITTED_ROUTERS, representative_router
 from moefx.fit.validate import Fit, held_out_split
 from moefx.layer import MoELayer
@@ -206,8 +206,9 @@ def build_layers(c: Conversion) -> None:
             group = contiguous_groups if c.rebuild else CARVERS[r.method]
             shared, groups = partition(ffn, c.stats.get(ffn.name), group, r.num_experts, r.num_shared, r.seed,
                                        c.importance.get(ffn.name))
-            layer = carved_layer(ffn, shared, groups, r.top_k, extra, fitted_router=r.fitted_router,
-                                 corrected=r.compensate or r.refit)
+            layer = carved_layer(ffn, shared, groups, r.top_k, extra, router_bias=r.fitted_router and r.biases,
+                                 corrected=(r.compensate or r.refit) and r.biases, scoring=r.gating,
+                                 renormalize=r.renormalize)
             if r.router == "representative" and not c.rebuild:
                 representative_router(layer, ffn, groups, c.stats[ffn.name].samples)
         layer.top_p, layer.min_k = r.top_p, r.min_k
@@ -265,20 +266,24 @@ def tune_layers(c: Conversion) -> None:
             *rows, sequences = capture_rows(layer, c.batches, c.run, r.fit_tokens, arguments=2 if r.pregate else 1)
             x, routed_from = rows[0], (rows[1] if r.pregate else None)
             bar.update(1)
-            if layer.top_k >= layer.num_experts:  # every expert runs: the layer is exact as it is
+            if layer.top_k >= layer.num_experts:  # every expert runs: the layer is exact as it is (equal gates)
+                if r.gating != "unit":
+                    uniform_gates(layer)
                 continue
             held_out = held_out_split(sequences, r.holdout, r.seed + int(index))
             fits = LayerFits(name, x.shape[0], 0 if held_out is None else len(sequences[held_out].unique()))
             dense = dense_output(layer, x)
-            if r.compensate or r.refit:
+            if r.compensate or (r.refit and r.biases):
                 compensate(layer, x)
             if r.fitted_router:
                 fits.router = FITTED_ROUTERS[r.router](layer, x, seed=r.seed, router_input=routed_from,
-                                                       held_out=held_out)
-                if r.compensate or r.refit:
+                                                       held_out=held_out, bias=r.biases)
+                if r.compensate or (r.refit and r.biases):
                     compensate(layer, x)
-            if r.refit:
-                fits.refit = refit(layer, x, dense, held_out=held_out)
+            if r.refit and r.gating != "unit":
+                fits.refit = fit_gates(layer, x, dense, r.biases, held_out=held_out)
+            elif r.refit:
+                fits.refit = refit(layer, x, dense, held_out=held_out, biases=r.biases)
             if fits.router or fits.refit:
                 log.debug("moefx: %s", fits)
                 c.report.fits.append(fits)

@@ -15,7 +15,8 @@
 - ``random``: neurons dealt into experts at random (MoEfication's baseline split).
 - ``num_shared``: the neurons with the highest activation rate form always-on shared experts
   (DeepSeekMoE; CMoE).
-Carved experts enter with gate 1 ("unit" scoring), so all experts active reproduce the FFN. The
+Carved experts enter with gate 1 ("unit" scoring), so all experts active reproduce the FFN (router-weighted
+carving, ``Recipe.gating``, sets softmax or sigmoid scoring and leaves the gates to ``fit.refit``). The
 analytic router scores an expert by the mean pre-activation of its neurons: its row is the mean
 of their W_in (gate) rows. Zero-computation experts (MoE++) start switched off (``switch_off``);
 a fitted router (``routers.router_targets``) teaches a carved layer when to pick them.
@@ -133,19 +134,21 @@ def _in_rows(ffn: FFN, neurons: Tensor) -> Tensor:
 
 
 def carved_layer(ffn: FFN, shared: Tensor, groups: list[Tensor], top_k: int, extra: Optional[dict] = None,
-                 fitted_router: bool = False, corrected: bool = False) -> MoELayer:
+                 router_bias: bool = False, corrected: bool = False, scoring: str = "unit",
+                 renormalize: bool = False) -> MoELayer:
     """An MoELayer whose routed experts hold ``groups`` of neurons and whose shared expert holds ``shared``;
     ``extra``: MoELayer's num_zero, num_copy, num_const (zero-computation experts, switched off). A layer
-    whose router will be fitted gets a router bias, one that will be compensated or refit expert output
-    biases and a layer bias (all zero until then)."""
+    whose router will be fitted with a bias gets one, one that will be compensated or refit expert output
+    biases and a layer bias (all zero until then). ``scoring`` other than "unit" (router-weighted carving)
+    needs a fitted router and a refit (``fit.refit.fit_gates``) to reproduce the FFN."""
     w_in, w_out = ffn.w_in, ffn.w_out
     extra = extra or {}
-    attrs = MoEAttrs(top_k, ffn.activation, ffn.gated, scoring="unit", num_zero=extra.get("num_zero", 0),
-                     num_copy=extra.get("num_copy", 0))
+    attrs = MoEAttrs(top_k, ffn.activation, ffn.gated, scoring=scoring, renormalize=renormalize,
+                     num_zero=extra.get("num_zero", 0), num_copy=extra.get("num_copy", 0))
     layer = MoELayer(ffn.hidden, len(groups[0]), len(groups), attrs, expert_in_bias=ffn.b_in is not None,
                      expert_out_bias=corrected, shared_width=len(shared), shared_in_bias=ffn.b_in is not None,
                      out_bias=ffn.b_out is not None or corrected,
-                     router_bias=ffn.b_in is not None or any(extra.values()) or fitted_router,
+                     router_bias=ffn.b_in is not None or any(extra.values()) or router_bias,
                      num_const=extra.get("num_const", 0), dtype=w_in.dtype, device="meta")
     layer = layer.to_empty(device=w_in.device)  # every parameter is copied below: skip the random init
     with torch.no_grad():

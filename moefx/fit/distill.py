@@ -3,11 +3,12 @@
 The MoE layers' parameters (experts, shared experts, biases and routers) are trained so that the
 converted model's output matches the dense model's on the calibration inputs (Hinton et al.
 2015, as LLaMA-MoE and Dense2MoE do after building experts); everything else stays frozen. The
-gradient reaches the experts through the op's analytic backward. Carved layers gate with "unit"
-scoring, whose forward weight is the constant 1, so ``MoELayer`` passes its router a
-straight-through sigmoid-gate gradient while training; a Switch-Transformer load-balancing loss
-(Fedus et al. 2022) keeps the experts' shares of the tokens even. A few calibration batches make
-many epochs, so training is early-stopped on held-out batches and keeps its best state.
+gradient reaches the experts through the op's analytic backward. Unit-gated carved layers weight
+experts by the constant 1, so ``MoELayer`` passes their router a straight-through sigmoid-gate
+gradient while training (router-weighted ones get the gates' own gradient); a Switch-Transformer
+load-balancing loss (Fedus et al. 2022) keeps the experts' shares of the tokens even. A few
+calibration batches make many epochs, so training is early-stopped on held-out batches and keeps
+its best state.
 """
 from __future__ import annotations
 

@@ -12,9 +12,18 @@
   FFN outputs (BERT's [SEP] and punctuation; Sun et al. 2024) would otherwise decide the fit,
   which in all-MiniLM-L6-v2's first layer costs more downstream than it gains. Its ridge strength
   can be chosen on held-out calibration sequences (``fit.validate``).
+- ``fit_gates``: router-weighted carving (Mixtral / Qwen-MoE gates, ``Recipe.gating``). The choice
+  is the top_k of the logits whatever their scale; the scale (a temperature) sets how unequal the
+  softmax / sigmoid gates are. ``fit_gates`` picks the temperature whose refit reproduces the dense
+  FFN best on held-out calibration rows; near 0 the gates are uniform and the refit gives back the
+  unit-gated layer, so the search includes (nearly) the unit-gated solution.
+- ``uniform_gates``: with every routed expert active a zero router gives each expert the same gate
+  (1/E for softmax or renormalised gates, 1/2 for sigmoid), and output weights divided by it give
+  back the dense FFN exactly (E a power of two; within an ulp otherwise).
 """
 from __future__ import annotations
 
+import logging
 from typing import Optional
 
 import torch
@@ -23,6 +32,8 @@ from torch import Tensor
 from moefx.fit.validate import Fit, best
 from moefx.layer import MoELayer
 from moefx.op import activate
+
+log = logging.getLogger("moefx")
 
 
 @torch.no_grad()
@@ -77,20 +88,23 @@ REFIT_RIDGES = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
 
 @torch.no_grad()
 def refit(layer: MoELayer, x: Tensor, target: Tensor, held_out: Optional[Tensor] = None, ridge: float = 1e-2,
-          chunk: int = 4096) -> Fit:
+          chunk: int = 4096, biases: bool = True) -> Fit:
     """Least-squares fit of the output weights (shared and routed), the expert output biases and the
     layer bias so that the layer reproduces ``target`` (the dense FFN's output, ``dense_output``)
-    on rows ``x`` under the layer's own routing, each row's error relative to its target's norm.
+    on rows ``x`` under the layer's own routing and gate values, each row's error relative to its
+    target's norm. ``biases`` False adds no bias the layer lacks (and fits only those it has).
 
     ``held_out`` (bool [T], whole sequences, ``validate.held_out_split``): the ridge (relative to the
     Gram diagonal, towards the carved weights) is the one of ``REFIT_RIDGES`` whose fit on the other
     rows has the least error on the held-out rows, and the layer is then solved on all rows; without
     it, ``ridge``. Returns the fit, scored by the per-token relative error sqrt(mean_t ||out_t -
     target_t||^2 / ||target_t||^2)."""
-    _ensure_expert_bias(layer)
+    if biases:
+        _ensure_expert_bias(layer)
     E, Fe, H = layer.num_experts, layer.expert_width, layer.hidden
-    current = [layer.w_out.float().permute(0, 2, 1).reshape(E * Fe, H), layer.b_out.float(),
-               layer.bias.float()[None]]
+    current = [layer.w_out.float().permute(0, 2, 1).reshape(E * Fe, H)]
+    current += [layer.b_out.float()] if layer.b_out is not None else []
+    current += [layer.bias.float()[None]] if layer.bias is not None else []
     if layer.shared_out is not None:
         current.insert(0, layer.shared_out.weight.float().T)
     w0 = torch.cat(current).double()
@@ -116,8 +130,11 @@ def refit(layer: MoELayer, x: Tensor, target: Tensor, held_out: Optional[Tensor]
         layer.shared_out.weight.copy_(solved[:width].T)
         offset = width
     layer.w_out.copy_(solved[offset:offset + E * Fe].reshape(E, Fe, H).permute(0, 2, 1))
-    layer.b_out.copy_(solved[offset + E * Fe:offset + E * Fe + E])
-    layer.bias.copy_(solved[-1])
+    offset += E * Fe
+    if layer.b_out is not None:
+        layer.b_out.copy_(solved[offset:offset + E])
+    if layer.bias is not None:
+        layer.bias.copy_(solved[-1])
     fit.fitted = fitted.error(solved)
     return fit
 
@@ -155,10 +172,76 @@ class _Normal:
 
 
 def _features(layer: MoELayer, x: Tensor) -> Tensor:
-    """[T, Fs + E*Fe + E + 1]: shared h, routed h times the gate, gate per expert, constant 1."""
+    """[T, Fs + E*Fe (+ E) (+ 1)]: shared h, routed h times the gate, the gate per expert (with expert output
+    biases), constant 1 (with a layer bias)."""
     gates = layer.expert_gates(x)
-    routed = (expert_hidden(layer, x) * gates[..., None]).reshape(x.shape[0], -1)
-    parts = [routed, gates, torch.ones(x.shape[0], 1)]
+    parts = [(expert_hidden(layer, x) * gates[..., None]).reshape(x.shape[0], -1)]
+    parts += [gates] if layer.b_out is not None else []
+    parts += [torch.ones(x.shape[0], 1)] if layer.bias is not None else []
     if layer.shared_in is not None:
         parts.insert(0, layer.shared_hidden(x).float())
     return torch.cat(parts, 1)
+
+
+# logit spreads (std over calibration tokens and experts) ``fit_gates`` tries: 1e-3 is all but uniform gates
+GATE_SPREADS = (1e-3, 0.25, 0.5, 1.0, 2.0)
+
+
+@torch.no_grad()
+def fit_gates(layer: MoELayer, x: Tensor, target: Tensor, biases: bool = True, held_out: Optional[Tensor] = None,
+              search_rows: int = 8192) -> Fit:
+    """Router-weighted carving: scale the fitted router's logits to each spread of ``GATE_SPREADS``, refit the
+    output weights under the gates that gives, and keep the scale whose layer is closest to ``target`` on
+    held-out rows (a sharper gate adds features the refit can overfit): the ``held_out`` sequences when
+    given, else the second half of the first ``search_rows`` rows. Then refit under it on all rows
+    (its ridge chosen on ``held_out``). Returns that refit."""
+    router = layer.router
+    if held_out is not None:
+        fit_x, fit_t, val_x, val_t = x[~held_out], target[~held_out], x[held_out], target[held_out]
+    else:
+        rows = min(search_rows, x.shape[0])
+        fit_x, fit_t, val_x, val_t = x[:rows // 2], target[:rows // 2], x[rows // 2:rows], target[rows // 2:rows]
+    logits = router(x[:search_rows].to(router.weight.dtype)).float()[:, :layer.num_experts]
+    spread = logits.std().clamp(min=1e-12).item()
+    start = {name: p.detach().clone() for name, p in layer.named_parameters()}
+
+    def refit_at(scale: float, rows: Tensor, goal: Tensor, held: Optional[Tensor] = None) -> Fit:
+        for name, p in layer.named_parameters():
+            if name in start:
+                p.copy_(start[name])
+        router.weight.mul_(scale)
+        if router.bias is not None:
+            router.bias[:layer.num_experts].mul_(scale)
+        # the ridge pulls towards the carved weights at the mean gate's scale: the unit-gated starting point
+        gates = layer.expert_gates(rows)
+        mean_gate = gates.sum() / (gates != 0).sum().clamp(min=1)
+        layer.w_out.div_(mean_gate)
+        if layer.b_out is not None:
+            layer.b_out.div_(mean_gate)
+        return refit(layer, rows, goal, held_out=held, biases=biases)
+
+    def held_out_error(spread_wanted: float) -> float:
+        refit_at(spread_wanted / spread, fit_x, fit_t)
+        want = val_t.float()
+        return ((layer(val_x).float() - want).norm() / want.norm()).item()
+
+    errors = {s: held_out_error(s) for s in GATE_SPREADS}
+    chosen_spread = min(errors, key=errors.get)
+    log.debug("moefx: gate logit spreads %s -> held-out errors %s", GATE_SPREADS,
+              [round(e, 4) for e in errors.values()])
+    return refit_at(chosen_spread / spread, x, target, held_out)
+
+
+@torch.no_grad()
+def uniform_gates(layer: MoELayer) -> None:
+    """Every routed expert active with router-weighted gates: a zero router gives each the same gate g, and
+    output weights divided by g make the layer the dense FFN again."""
+    E = layer.num_experts
+    layer.router.weight[:E] = 0
+    if layer.router.bias is not None:
+        layer.router.bias[:E] = 0
+    gates, _ = layer.routing(torch.zeros(1, layer.router.in_features, dtype=layer.router.weight.dtype))
+    inverse = 1 / gates[0, 0].item()
+    layer.w_out.mul_(inverse)
+    if layer.b_out is not None:
+        layer.b_out.mul_(inverse)

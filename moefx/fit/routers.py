@@ -62,18 +62,18 @@ def oracle_scores(layer: MoELayer, x: Tensor, chunk: int = 2048) -> Tensor:
 
 def distill_router(layer: MoELayer, x: Tensor, epochs: int = 30, batch: int = 512, lr: float = 3e-3,
                    seed: int = 0, min_steps: int = 300, router_input: Optional[Tensor] = None,
-                   held_out: Optional[Tensor] = None) -> Fit:
+                   held_out: Optional[Tensor] = None, bias: bool = True) -> Fit:
     """Train the layer's linear router to select the oracle's top_k experts on rows ``x``.
 
     With zero-computation experts the targets come from ``free_slots`` (which also sets the constant
     experts' vectors). ``router_input``: rows the router reads instead of ``x``, row t the same token
     (pre-gating, Read-ME: the input of the block holding the layer). ``held_out`` (bool [T]): rows left
-    out of training and scored after it (the router has no ridge to choose). Returns the router's recall
-    of the target choice."""
+    out of training and scored after it (the router has no ridge to choose). ``bias`` False trains no
+    router bias. Returns the router's recall of the target choice."""
     target = router_targets(layer, x, seed, router_input)
     inputs = x if router_input is None else router_input
     train = slice(None) if held_out is None else ~held_out
-    recall = fit_router(layer, inputs[train], target[train], epochs, batch, lr, seed, min_steps)
+    recall = fit_router(layer, inputs[train], target[train], epochs, batch, lr, seed, min_steps, bias)
     if held_out is None:
         return Fit("router", "recall", recall)
     return Fit("router", "recall", recall, held_out=_recall(layer, inputs[held_out], target[held_out]))
@@ -84,16 +84,19 @@ ROUTER_RIDGES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 
 @torch.no_grad()
 def least_squares_router(layer: MoELayer, x: Tensor, seed: int = 0, router_input: Optional[Tensor] = None,
-                         held_out: Optional[Tensor] = None, ridge: float = 1e-3) -> Fit:
+                         held_out: Optional[Tensor] = None, ridge: float = 1e-3, bias: bool = True) -> Fit:
     """Set the router, in closed form, to the ridge least-squares map from the router's input rows to
-    ``distill_router``'s 0/1 targets; returns the recall of the targets by its top_k.
+    ``distill_router``'s 0/1 targets (without an intercept when ``bias`` is False); returns the recall of
+    the targets by its top_k.
 
     ``held_out`` (bool [T], whole sequences, ``validate.held_out_split``): the ridge (relative to the
     Gram diagonal) is the one of ``ROUTER_RIDGES`` whose fit on the other rows recalls the held-out
     rows' targets best, and the router is then solved on all rows; without it, ``ridge``."""
     target = router_targets(layer, x, seed, router_input).double()
     inputs = x if router_input is None else router_input
-    features = torch.cat([inputs.double(), torch.ones(inputs.shape[0], 1, dtype=torch.float64)], 1)
+    features = inputs.double()
+    if bias:
+        features = torch.cat([features, torch.ones(inputs.shape[0], 1, dtype=torch.float64)], 1)
     fit = Fit("router", "recall", 0.0, ridge)
     if held_out is not None:
         gram, cross = _normal_equations(features[~held_out], target[~held_out])
@@ -103,7 +106,10 @@ def least_squares_router(layer: MoELayer, x: Tensor, seed: int = 0, router_input
         fit.ridge = best(fit.grid, higher_is_better=True)
         fit.held_out = fit.grid[fit.ridge]
     solved = _ridge_solve(*_normal_equations(features, target), fit.ridge)
-    set_router(layer, solved[:-1].T, solved[-1])
+    if bias:
+        set_router(layer, solved[:-1].T, solved[-1])
+    else:
+        set_router(layer, solved.T, None)
     fit.fitted = _top_k_recall(features @ solved, target, layer.top_k)
     return fit
 
@@ -142,9 +148,15 @@ def router_targets(layer: MoELayer, x: Tensor, seed: int, router_input: Optional
 
 
 @torch.no_grad()
-def set_router(layer: MoELayer, weight: Tensor, bias: Tensor) -> None:
-    """Copy a fitted router's weight [rows, Hr] and bias [rows] in, giving the router a bias if it had none."""
+def set_router(layer: MoELayer, weight: Tensor, bias: Optional[Tensor]) -> None:
+    """Copy a fitted router's weight [rows, Hr] and bias [rows] in, giving the router a bias if it had none;
+    ``bias`` None: no bias (a bias the router has is zeroed)."""
     router = layer.router
+    if bias is None:
+        router.weight.copy_(weight)
+        if router.bias is not None:
+            router.bias.zero_()
+        return
     if router.bias is None:
         router.bias = torch.nn.Parameter(torch.zeros(router.out_features, dtype=router.weight.dtype,
                                                      device=router.weight.device))
@@ -153,13 +165,14 @@ def set_router(layer: MoELayer, weight: Tensor, bias: Tensor) -> None:
 
 
 def fit_router(layer: MoELayer, inputs: Tensor, target: Tensor, epochs: int = 30, batch: int = 512,
-               lr: float = 3e-3, seed: int = 0, min_steps: int = 300) -> float:
+               lr: float = 3e-3, seed: int = 0, min_steps: int = 300, bias: bool = True) -> float:
     """Train every row of the layer's linear router on ``inputs`` [T, Hr] towards the multi-hot ``target``
     [T, rows] (binary cross-entropy plus a ranking margin), warm-started from the current router;
-    returns the recall of ``target`` by the trained router's top_k."""
+    returns the recall of ``target`` by the trained router's top_k. ``bias`` False: no router bias."""
     xf = inputs.float()
-    # standardise the input so one learning rate suits every layer; folded back into w, b below
-    mean, std = xf.mean(0), xf.std(0).clamp(min=1e-6)
+    # standardise the input so one learning rate suits every layer; folded back into w, b below (without a
+    # bias only the scale is standardised: a centred input would need one)
+    mean, std = xf.mean(0) if bias else xf.new_zeros(xf.shape[1]), xf.std(0).clamp(min=1e-6)
     z = (xf - mean) / std
     weight = layer.router.weight.detach().float()
     with torch.no_grad():
@@ -168,8 +181,8 @@ def fit_router(layer: MoELayer, inputs: Tensor, target: Tensor, epochs: int = 30
         w /= logits0.std().clamp(min=1e-6)
         b = torch.zeros(target.shape[1])
     w.requires_grad_(True)
-    b.requires_grad_(True)
-    optimiser = torch.optim.Adam([w, b], lr=lr)
+    b.requires_grad_(bias)
+    optimiser = torch.optim.Adam([w, b] if bias else [w], lr=lr)
     generator = torch.Generator().manual_seed(seed)
     with torch.enable_grad():  # callers may convert under no_grad
         for _ in range(max(epochs, -(-min_steps * batch // xf.shape[0]))):
@@ -178,7 +191,7 @@ def fit_router(layer: MoELayer, inputs: Tensor, target: Tensor, epochs: int = 30
     with torch.no_grad():
         new_weight = w / std
         new_bias = b - new_weight @ mean
-        set_router(layer, new_weight, new_bias)
+        set_router(layer, new_weight, new_bias if bias else None)
         return _top_k_recall(xf @ new_weight.T + new_bias, target, layer.top_k)
 
 
@@ -276,7 +289,7 @@ def _router_step(optimiser, z: Tensor, picked: Tensor, w: Tensor, b: Tensor) -> 
 
 
 # routers fitted to the oracle's choice on a layer's calibration rows:
-# fit(layer, x, seed=, router_input=, held_out=) -> Fit (recall on all rows, and on the held-out ones)
+# fit(layer, x, seed=, router_input=, held_out=, bias=) -> Fit (recall on all rows, and on the held-out ones)
 FITTED_ROUTERS = {"least_squares": least_squares_router, "distilled": distill_router}
 # "centroid" is set when carving (carve.carved_layer), "representative" from calibration statistics
 ROUTERS = ("centroid", "representative", *FITTED_ROUTERS)
