@@ -44,11 +44,16 @@ TOKENS = (1, 8, 64, 512, 4096)
 QUICK_TOKENS = (1, 8, 64, 512)
 
 
+SCRUB = torch.zeros(1 << 21)  # 8 MiB, several times the per-core L2 cache
+
+
 def interleaved_medians(fns: dict, budget_s: float, clock=time.thread_time) -> dict:
     """Median milliseconds of each fn, timed in turns (A, B, A, B, ...) for about ``budget_s`` in all.
 
-    The default clock is this thread's CPU time: with one intra-op thread every op runs on it, and on a
-    shared machine it leaves out the time other processes hold the core (``--wall`` for wall time)."""
+    Every timed call starts with the caches scrubbed of the previous call's data (``SCRUB``): otherwise a
+    contender that follows one reading the same expert weights finds them hot, one that follows the
+    dense FFN cold. The default clock is this thread's CPU time: with one intra-op thread every op runs
+    on it, and on a shared machine it leaves out the time other processes hold the core (``--wall``)."""
     once = {}
     for name, fn in fns.items():
         fn()
@@ -59,6 +64,7 @@ def interleaved_medians(fns: dict, budget_s: float, clock=time.thread_time) -> d
     samples = {name: [] for name in fns}
     for _ in range(reps):
         for name, fn in fns.items():
+            SCRUB.add_(1.0)
             start = clock()
             fn()
             samples[name].append((clock() - start) * 1e3)
