@@ -30,7 +30,7 @@ def taylor_importance(targets: dict[str, nn.Module], batches: list, run: Callabl
         return hook
 
     generator = torch.Generator().manual_seed(seed)
-    with hooks(*(lambda m=module, n=name: m.register_forward_pre_hook(capture(n)) for n, module in targets.items())):
+    with hooks(*(lambda m=module, n=n: m.register_forward_pre_hook(capture(n)) for n, module in targets.items())):
         with torch.enable_grad():
             for index, batch in enumerate(batches):
                 hidden.clear()
