@@ -20,6 +20,7 @@ failed save leaves an existing checkpoint as it was.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -459,20 +460,16 @@ def _rebuild_meta_buffers(target: nn.Module, moe: nn.Module) -> None:
         setattr(target.get_submodule(parent), child, type(module)(target.config).to(device))
 
 
+@contextlib.contextmanager
 def _evaluating(moe: nn.Module):
-    """Context: ``moe`` in eval mode, gradients off; its mode restored after."""
-    import contextlib
-
-    @contextlib.contextmanager
-    def scope():
-        was_training = moe.training
-        moe.eval()
-        try:
-            with torch.no_grad():
-                yield
-        finally:
-            moe.train(was_training)
-    return scope()
+    """``moe`` in eval mode with gradients off inside; its mode restored after."""
+    was_training = moe.training
+    moe.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        moe.train(was_training)
 
 
 def _check_logits(moe: nn.Module, target: nn.Module, example: Any, class_name: str, which: str) -> None:
