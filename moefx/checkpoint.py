@@ -20,6 +20,7 @@ failed save leaves an existing checkpoint as it was.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -220,7 +221,8 @@ def _save_transformers_layout(moe: nn.Module, path: str, layout: str, example: A
                          "bfloat16 or float32 before saving")
     layers = _moe_layers(moe)
     shape = _moe_shape(layers, layout, class_name, type(moe).__name__, recipe)
-    config = _target_config(moe.config, getattr(transformers, config_name), layout, shape, class_name)
+    config = _target_config(moe.config, getattr(transformers, config_name), layout, shape, class_name,
+                            type(moe).__name__)
     with torch.device("meta"):
         target = getattr(transformers, class_name)(config)
     _load_converted(target, moe, layers, layout, class_name)
@@ -370,15 +372,16 @@ def _windows(dense) -> list[Optional[int]]:
     return [window if kind == "sliding_attention" else None for kind in types]
 
 
-def _attention_fields(dense, layout: str, class_name: str) -> dict:
+def _attention_fields(dense, layout: str, class_name: str, model_class: str) -> dict:
     """The target config entries that make its attention the dense model's: biases and sliding windows."""
     windows = _windows(dense)
     sizes = {w for w in windows if w is not None}
     uniform = len(set(windows)) == 1
     if len(sizes) > 1 or (layout != "qwen2_moe" and not uniform):
+        per_layer = len(sizes) == 1 and model_class in _TARGETS["qwen2_moe"][2]
         raise ValueError(f"moefx.save_pretrained: the model's attention uses sliding windows {windows} per layer; "
-                         f"{class_name} has one window for all layers: save with the default layout='moefx'"
-                         + (" or layout='qwen2_moe'" if len(sizes) == 1 and "Qwen2" in class_name else ""))
+                         f"{class_name} has one setting for all layers: "
+                         + ("save with layout='qwen2_moe'" if per_layer else "save with the default layout='moefx'"))
     window = next(iter(sizes), None)
     if layout == "mixtral":
         return dict(sliding_window=window)
@@ -390,11 +393,11 @@ def _attention_fields(dense, layout: str, class_name: str) -> dict:
                 layer_types=["sliding_attention" if w else "full_attention" for w in windows])
 
 
-def _target_config(dense, config_class, layout: str, shape: dict, class_name: str):
+def _target_config(dense, config_class, layout: str, shape: dict, class_name: str, model_class: str):
     """The dense config's attention, embedding and norm entries plus the MoE entries."""
     known = set(config_class().to_dict()) | {"head_dim"}
     fields = {k: v for k, v in dense.to_dict().items() if k in known and k not in _NOT_CARRIED}
-    fields.update(_attention_fields(dense, layout, class_name))
+    fields.update(_attention_fields(dense, layout, class_name, model_class))
     fields.update(hidden_act="silu", num_experts_per_tok=shape["top_k"])
     if layout == "mixtral":
         fields.update(num_local_experts=shape["num_experts"], intermediate_size=shape["expert_width"])
@@ -482,20 +485,16 @@ def _rebuild_meta_buffers(target: nn.Module, moe: nn.Module) -> None:
         setattr(target.get_submodule(parent), child, type(module)(target.config).to(device))
 
 
+@contextlib.contextmanager
 def _evaluating(moe: nn.Module):
-    """Context: ``moe`` in eval mode, gradients off; its mode restored after."""
-    import contextlib
-
-    @contextlib.contextmanager
-    def scope():
-        was_training = moe.training
-        moe.eval()
-        try:
-            with torch.no_grad():
-                yield
-        finally:
-            moe.train(was_training)
-    return scope()
+    """``moe`` in eval mode with gradients off inside; its mode restored after."""
+    was_training = moe.training
+    moe.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        moe.train(was_training)
 
 
 def _check_logits(moe: nn.Module, target: nn.Module, example: Any, class_name: str, which: str) -> None:

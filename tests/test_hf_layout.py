@@ -278,3 +278,17 @@ def test_bfloat16_checkpoints_read_back_bit_exact_and_float16_qwen2_moe_is_refus
     assert gate.dtype == torch.bfloat16 and torch.all(gate > 0)
     message = refusal(moe.to(torch.float16), "qwen2_moe", tmp_path / "fp16")
     assert "float16 rounds to 0" in message and "bfloat16 or float32" in message
+
+
+def test_sliding_windows_on_some_layers_only_go_to_the_layout_that_has_them(tmp_path):
+    torch.manual_seed(14)
+    dense = dense_model("Qwen2", use_sliding_window=True, sliding_window=4, max_window_layers=1)  # layer 1 slides
+    moe = carved(dense)
+    message = refusal(moe, "mixtral", tmp_path)
+    assert "this model is a Qwen2ForCausalLM: use layout='qwen2_moe'" in message
+    qwen3 = dense_model("Qwen3", head_dim=16, use_sliding_window=True, sliding_window=4, max_window_layers=1)
+    message = refusal(carved(qwen3), "qwen3_moe", tmp_path)
+    assert "sliding windows [None, 4] per layer" in message and "layout='moefx'" in message
+    moe = carved(dense, renormalize=False)
+    loaded = assert_loads_as(moe, tmp_path, "qwen2_moe", "Qwen2MoeForCausalLM")
+    assert loaded.config.layer_types == ["full_attention", "sliding_attention"]
