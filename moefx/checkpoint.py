@@ -1,8 +1,11 @@
 """Save a converted model and load it back (safetensors).
 
-``save_pretrained(moe, path)`` writes the converted weights (``model.safetensors``), the
-transformers config when the model has one, and the conversion recipe with one row of the
-calibration batch (``moefx.json``, ``moefx_example.safetensors``). ``load_pretrained(path)`` builds
+``save_pretrained(moe, path)`` writes the converted weights (``moefx_model.safetensors``: not
+``model.safetensors``, so that transformers refuses to load the directory as the dense
+architecture with its FFNs left random), the transformers config when the model has one, and the
+conversion recipe with one row of the calibration batch and the weights' dtype (``moefx.json``,
+``moefx_example.safetensors``). Every file is written to a temporary directory first and moved in
+only once all are written, so a failed save leaves the directory as it was. ``load_pretrained(path)`` builds
 the dense model from the config, converts it again with the recipe (tracing on the stored row;
 the carving itself is discarded) and loads the saved weights strictly, so routers, refitted
 experts and biases come back exactly.
@@ -18,6 +21,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import tempfile
 import warnings
 from typing import Any, Optional
 
@@ -29,7 +33,8 @@ from moefx.layer import MoELayer
 from moefx.recipe import Recipe
 from moefx.runtime import call_model
 
-WEIGHTS, RECIPE, EXAMPLE = "model.safetensors", "moefx.json", "moefx_example.safetensors"
+WEIGHTS, RECIPE, EXAMPLE = "moefx_model.safetensors", "moefx.json", "moefx_example.safetensors"
+LEGACY_WEIGHTS = "model.safetensors"  # moefx-layout checkpoints written before the weights were renamed
 LAYOUTS = ("moefx", "mixtral", "qwen2_moe")
 
 
@@ -42,8 +47,6 @@ def save_pretrained(moe: nn.Module, path: str, layout: str = "moefx") -> None:
     Qwen2). Before writing it, an fp32/fp64 model is run on the stored calibration row in both forms
     and the logits compared.
     """
-    from safetensors.torch import save_file, save_model
-
     if layout not in LAYOUTS:
         raise ValueError(f"moefx.save_pretrained: layout={layout!r} is not one of {LAYOUTS}")
     recipe = getattr(moe, "moefx_recipe", None)
@@ -55,6 +58,18 @@ def save_pretrained(moe: nn.Module, path: str, layout: str = "moefx") -> None:
         _save_transformers_layout(moe, path, layout, example)
         return
     os.makedirs(path, exist_ok=True)
+    legacy = os.path.exists(os.path.join(path, RECIPE)) and os.path.exists(os.path.join(path, LEGACY_WEIGHTS))
+    with tempfile.TemporaryDirectory(dir=path, prefix=".moefx-save-") as staging:
+        _write_moefx_layout(moe, staging, recipe, example)
+        for name in sorted(os.listdir(staging)):
+            os.replace(os.path.join(staging, name), os.path.join(path, name))
+    if legacy:  # an older moefx save's weights, which transformers would load as the dense model
+        os.remove(os.path.join(path, LEGACY_WEIGHTS))
+
+
+def _write_moefx_layout(moe: nn.Module, path: str, recipe: Recipe, example: Any) -> None:
+    from safetensors.torch import save_file, save_model
+
     save_model(moe, os.path.join(path, WEIGHTS))
     kind = "dict" if isinstance(example, dict) else "tuple" if isinstance(example, (tuple, list)) else "tensor"
     items = example if isinstance(example, dict) else {str(i): v for i, v in enumerate(
@@ -65,7 +80,9 @@ def save_pretrained(moe: nn.Module, path: str, layout: str = "moefx") -> None:
     config = getattr(moe, "config", None)
     if config is not None and hasattr(config, "save_pretrained"):
         config.save_pretrained(path)
-    meta = dict(recipe=recipe.to_dict(), example_kind=kind, example_constants=constants, model_class=type(moe).__name__)
+    dtypes = {p.dtype for p in moe.parameters() if p.is_floating_point()}
+    meta = dict(recipe=recipe.to_dict(), example_kind=kind, example_constants=constants, model_class=type(moe).__name__,
+                dtype=str(dtypes.pop()).removeprefix("torch.") if len(dtypes) == 1 else None)
     with open(os.path.join(path, RECIPE), "w") as f:
         json.dump(meta, f, indent=2)
 
@@ -90,8 +107,11 @@ def load_pretrained(path: str, model: Optional[nn.Module] = None) -> nn.Module:
     else:
         ordered = [items[str(i)] for i in range(len(items))]
         example = ordered if meta["example_kind"] == "tuple" else ordered[0]
+    if built and meta.get("dtype"):
+        model = model.to(getattr(torch, meta["dtype"]))  # the saved dtype, not the config's default
     moe = rebuild(model, example, Recipe.from_dict(meta["recipe"], source=os.path.join(path, RECIPE)), inplace=built)
-    load_model(moe, os.path.join(path, WEIGHTS), strict=True)
+    weights = os.path.join(path, WEIGHTS)
+    load_model(moe, weights if os.path.exists(weights) else os.path.join(path, LEGACY_WEIGHTS), strict=True)
     return moe
 
 
@@ -150,37 +170,32 @@ def _save_transformers_layout(moe: nn.Module, path: str, layout: str, example: A
     target.eval()
     _check_logits(moe, target, example, class_name)
     target.save_pretrained(path)
-    for stale in (RECIPE, EXAMPLE):  # a moefx-layout save left in the same directory would describe other weights
+    for stale in (RECIPE, EXAMPLE, WEIGHTS):  # a moefx-layout save left in the same directory would describe other weights
         if os.path.exists(os.path.join(path, stale)):
             os.remove(os.path.join(path, stale))
 
 
 def _moe_layers(moe: nn.Module) -> list[MoELayer]:
-    """The MoELayer of every decoder layer; each ``mlp`` must be the traced piece that only calls it."""
+    """The MoELayer of every decoder layer; each ``mlp`` must be the ``MoEFFN`` swapped in for the dense MLP."""
     import torch.fx as fx
 
-    layers, pieces = [], set()
+    from moefx.convert.rewrite import MoEFFN
+
+    layers = []
     for i, block in enumerate(moe.model.layers):
         name = f"model.layers.{i}.mlp"
         mlp = block.mlp
-        if not isinstance(mlp, fx.GraphModule):
+        if isinstance(mlp, fx.GraphModule) and any(isinstance(m, MoELayer) for m in mlp.modules()):
+            raise ValueError(f"moefx.save_pretrained: {name} is a traced graph around its MoE layer (pregate routes "
+                             "it from another tensor than its input); Mixtral and Qwen2-MoE route every layer from "
+                             "its own input: convert without pregate or save with the default layout='moefx'")
+        if not isinstance(mlp, MoEFFN):
             raise ValueError(f"moefx.save_pretrained: {name} was not converted (it is still a dense "
                              f"{type(mlp).__name__}); the Mixtral and Qwen2-MoE layouts put experts in every layer: "
                              "save with the default layout='moefx'")
-        nodes = list(mlp.graph.nodes)
-        calls = [n for n in nodes if n.op == "call_module"]
-        layer = mlp.get_submodule(calls[0].target) if len(calls) == 1 else None
-        if isinstance(layer, MoELayer) and len(calls[0].args) > 1:
-            raise ValueError(f"moefx.save_pretrained: {name}.moe routes from another tensor than its input "
-                             "(pregate); Mixtral and Qwen2-MoE route every layer from its own input: convert without "
-                             "pregate or save with the default layout='moefx'")
-        if (len(nodes) != 3 or not isinstance(layer, MoELayer) or calls[0].args != (nodes[0],) or calls[0].kwargs
-                or nodes[2].args != (calls[0],)):
-            raise ValueError(f"moefx.save_pretrained: {name} is not one MoE layer applied to its input "
-                             f"({len(nodes)} graph nodes); save with the default layout='moefx'")
-        layers.append(layer)
-        pieces.add(name)
-    extra = [n for n, m in moe.named_modules() if isinstance(m, fx.GraphModule) and n not in pieces]
+        layers.append(mlp.moe)
+    extra = [n for n, m in moe.named_modules() if isinstance(m, fx.GraphModule)
+             or (isinstance(m, MoEFFN) and not n.endswith(".mlp"))]
     if extra:
         raise ValueError(f"moefx.save_pretrained: {extra[0]} was rewritten by moefx outside the decoder MLPs; "
                          "save with the default layout='moefx'")

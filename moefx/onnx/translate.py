@@ -152,6 +152,11 @@ def _activation(a, name: str):
         return op.Relu(a)
     if name == "silu":
         return op.Mul(a, op.Sigmoid(a))
+    if name == "quick_gelu":
+        return op.Mul(a, op.Sigmoid(op.Mul(a, 1.702)))
+    if name == "relu2":
+        relu = op.Relu(a)
+        return op.Mul(relu, relu)
     if name == "gelu":
         return op.Mul(op.Mul(a, 0.5), op.Add(op.Erf(op.Mul(a, 1 / math.sqrt(2))), 1.0))
     inner = op.Mul(op.Add(a, op.Mul(op.Mul(op.Mul(a, a), a), 0.044715)), math.sqrt(2 / math.pi))
