@@ -1,8 +1,11 @@
 """Save a converted model and load it back (safetensors).
 
-``save_pretrained(moe, path)`` writes the converted weights (``model.safetensors``), the
-transformers config when the model has one, and the conversion recipe with one row of the
-calibration batch (``moefx.json``, ``moefx_example.safetensors``). ``load_pretrained(path)`` builds
+``save_pretrained(moe, path)`` writes the converted weights (``moefx_model.safetensors``: not
+``model.safetensors``, so that transformers refuses to load the directory as the dense
+architecture with its FFNs left random), the transformers config when the model has one, and the
+conversion recipe with one row of the calibration batch and the weights' dtype (``moefx.json``,
+``moefx_example.safetensors``). Every file is written to a temporary directory first and moved in
+only once all are written, so a failed save leaves the directory as it was. ``load_pretrained(path)`` builds
 the dense model from the config, converts it again with the recipe (tracing on the stored row;
 the carving itself is discarded) and loads the saved weights strictly, so routers, refitted
 experts and biases come back exactly.
@@ -30,15 +33,18 @@ import warnings
 from typing import Any, Optional
 
 import torch
+import torch.fx as fx
 from torch import nn
 
 from moefx.convert import rebuild
+from moefx.convert.rewrite import MoEFFN
 from moefx.layer import MoELayer
 from moefx.recipe import Recipe
 from moefx.runtime import call_model
 from moefx.shards import INDEX, shard_files
 
-WEIGHTS, RECIPE, EXAMPLE = "model.safetensors", "moefx.json", "moefx_example.safetensors"
+WEIGHTS, RECIPE, EXAMPLE = "moefx_model.safetensors", "moefx.json", "moefx_example.safetensors"
+LEGACY_WEIGHTS = "model.safetensors"  # moefx-layout checkpoints written before the weights were renamed
 LAYOUTS = ("moefx", "mixtral", "qwen2_moe", "qwen3_moe")
 
 
@@ -53,8 +59,6 @@ def save_pretrained(moe: nn.Module, path: str, layout: str = "moefx") -> None:
     converted model's logits and greedy tokens. Files go to a temporary directory first and replace
     those in ``path`` only once written (and checked), so a failed save leaves ``path`` as it was.
     """
-    from safetensors.torch import save_file, save_model
-
     if layout not in LAYOUTS:
         raise ValueError(f"moefx.save_pretrained: layout={layout!r} is not one of {LAYOUTS}")
     recipe = getattr(moe, "moefx_recipe", None)
@@ -65,28 +69,32 @@ def save_pretrained(moe: nn.Module, path: str, layout: str = "moefx") -> None:
     if layout != "moefx":
         _save_transformers_layout(moe, path, layout, example, recipe)
         return
+    _write_atomically(path, lambda directory: _write_moefx_layout(moe, directory, recipe, example))
 
-    def write(directory: str) -> None:
-        save_model(moe, os.path.join(directory, WEIGHTS))
-        kind = "dict" if isinstance(example, dict) else "tuple" if isinstance(example, (tuple, list)) else "tensor"
-        items = example if isinstance(example, dict) else {str(i): v for i, v in enumerate(
-            example if kind == "tuple" else [example])}
-        tensors = {k: v.contiguous() for k, v in items.items() if isinstance(v, torch.Tensor)}
-        constants = {k: v for k, v in items.items() if not isinstance(v, torch.Tensor)}
-        save_file(tensors, os.path.join(directory, EXAMPLE))
-        config = getattr(moe, "config", None)
-        if config is not None and hasattr(config, "save_pretrained"):
-            config.save_pretrained(directory)
-        meta = dict(recipe=recipe.to_dict(), example_kind=kind, example_constants=constants,
-                    model_class=type(moe).__name__)
-        with open(os.path.join(directory, RECIPE), "w") as f:
-            json.dump(meta, f, indent=2)
 
-    _write_atomically(path, write)
+def _write_moefx_layout(moe: nn.Module, path: str, recipe: Recipe, example: Any) -> None:
+    from safetensors.torch import save_file, save_model
+
+    save_model(moe, os.path.join(path, WEIGHTS))
+    kind = "dict" if isinstance(example, dict) else "tuple" if isinstance(example, (tuple, list)) else "tensor"
+    items = example if isinstance(example, dict) else {str(i): v for i, v in enumerate(
+        example if kind == "tuple" else [example])}
+    tensors = {k: v.contiguous() for k, v in items.items() if isinstance(v, torch.Tensor)}
+    constants = {k: v for k, v in items.items() if not isinstance(v, torch.Tensor)}
+    save_file(tensors, os.path.join(path, EXAMPLE))
+    config = getattr(moe, "config", None)
+    if config is not None and hasattr(config, "save_pretrained"):
+        config.save_pretrained(path)
+    dtypes = {p.dtype for p in moe.parameters() if p.is_floating_point()}
+    meta = dict(recipe=recipe.to_dict(), example_kind=kind, example_constants=constants, model_class=type(moe).__name__,
+                dtype=str(dtypes.pop()).removeprefix("torch.") if len(dtypes) == 1 else None)
+    with open(os.path.join(path, RECIPE), "w") as f:
+        json.dump(meta, f, indent=2)
 
 
 # files a save writes that a later save into the same directory must not leave behind
-_CHECKPOINT_FILES = (WEIGHTS, RECIPE, EXAMPLE, "config.json", "generation_config.json", "model.safetensors.index.json")
+_CHECKPOINT_FILES = (WEIGHTS, LEGACY_WEIGHTS, RECIPE, EXAMPLE, "config.json", "generation_config.json",
+                     "model.safetensors.index.json")
 
 
 def _write_atomically(path: str, write, check=None) -> None:
@@ -133,11 +141,14 @@ def load_pretrained(path: str, model: Optional[nn.Module] = None) -> nn.Module:
     else:
         ordered = [items[str(i)] for i in range(len(items))]
         example = ordered if meta["example_kind"] == "tuple" else ordered[0]
+    if built and meta.get("dtype"):
+        model = model.to(getattr(torch, meta["dtype"]))  # the saved dtype, not the config's default
     moe = rebuild(model, example, Recipe.from_dict(meta["recipe"], source=os.path.join(path, RECIPE)), inplace=built)
     if os.path.exists(os.path.join(path, INDEX)):
         _load_shards(moe, path)
     else:
-        load_model(moe, os.path.join(path, WEIGHTS), strict=True)
+        weights = os.path.join(path, WEIGHTS)
+        load_model(moe, weights if os.path.exists(weights) else os.path.join(path, LEGACY_WEIGHTS), strict=True)
     return moe
 
 
@@ -245,48 +256,26 @@ def _save_transformers_layout(moe: nn.Module, path: str, layout: str, example: A
 
 
 def _moe_layers(moe: nn.Module) -> list[MoELayer]:
-    """The MoELayer of every decoder layer; each ``mlp`` must be the traced piece that only calls it."""
-    import torch.fx as fx
-
-    layers, pieces = [], set()
+    """The MoELayer of every decoder layer; each ``mlp`` must be the ``MoEFFN`` swapped in for the dense MLP."""
+    layers = []
     for i, block in enumerate(moe.model.layers):
         name = f"model.layers.{i}.mlp"
         mlp = block.mlp
-        if not isinstance(mlp, fx.GraphModule):
+        if isinstance(mlp, fx.GraphModule) and any(isinstance(m, MoELayer) for m in mlp.modules()):
+            raise ValueError(f"moefx.save_pretrained: {name} is a traced graph around its MoE layer (pregate routes "
+                             "it from another tensor than its input); the transformers MoE layouts route every layer "
+                             "from its own input: convert without pregate or save with the default layout='moefx'")
+        if not isinstance(mlp, MoEFFN):
             raise ValueError(f"moefx.save_pretrained: {name} was not converted (it is still a dense "
                              f"{type(mlp).__name__}); the transformers MoE layouts put experts in every layer: "
                              "save with the default layout='moefx'")
-        calls = [n for n in mlp.graph.nodes if n.op == "call_module"]
-        layer = mlp.get_submodule(calls[0].target) if len(calls) == 1 else None
-        if isinstance(layer, MoELayer) and len(calls[0].args) > 1:
-            raise ValueError(f"moefx.save_pretrained: {name}.moe routes from another tensor than its input "
-                             "(pregate); the transformers MoE layouts route every layer from its own input: convert "
-                             "without pregate or save with the default layout='moefx'")
-        if not isinstance(layer, MoELayer) or not _only_call_on_input(mlp, calls[0]):
-            raise ValueError(f"moefx.save_pretrained: {name} is not one MoE layer applied to its input "
-                             f"({len(mlp.graph.nodes)} graph nodes); save with the default layout='moefx'")
-        layers.append(layer)
-        pieces.add(name)
-    extra = [n for n, m in moe.named_modules() if isinstance(m, fx.GraphModule) and n not in pieces]
+        layers.append(mlp.moe)
+    extra = [n for n, m in moe.named_modules() if isinstance(m, fx.GraphModule)
+             or (isinstance(m, MoEFFN) and not n.endswith(".mlp"))]
     if extra:
         raise ValueError(f"moefx.save_pretrained: {extra[0]} was rewritten by moefx outside the decoder MLPs; "
                          "save with the default layout='moefx'")
     return layers
-
-
-def _only_call_on_input(piece, call) -> bool:
-    """Whether the traced ``piece`` returns ``call`` applied to its single input and computes nothing else."""
-    import operator
-
-    from moefx.convert.trace import graph_inputs
-
-    computing = [n for n in piece.graph.nodes if n.op not in ("placeholder", "get_attr", "output")]
-    (x,) = call.args if len(call.args) == 1 else (None,)
-    unpacks = (x is not None and x.op == "call_function" and x.target is operator.getitem and x.args[1] == 0
-               and x.args[0].target is graph_inputs)
-    output = next(n for n in piece.graph.nodes if n.op == "output")
-    return (unpacks and piece.moefx_call.num_inputs == 1 and not call.kwargs and output.args == (call,)
-            and len(computing) == 3)
 
 
 def _nonzero(bias: Optional[torch.Tensor]) -> bool:

@@ -9,10 +9,13 @@ num_const zero-computation experts (MoE++), so the router has E + Z rows::
 
     l      = router_input[t] @ w_router.T + b_router                      # [E+Z] logits
     s      = softmax(l) | sigmoid(l) | 1          (scoring: "softmax" | "sigmoid" | "unit")
-    S      = top_k indices of s (ties broken by torch.topk; for "unit", top_k of l)
+    S      = top_k indices of s (ties broken by torch.topk; for "unit" and "sigmoid", top_k of l: sigmoid
+             scores underflow to equal zeros in fp32 where the logits still rank)
     dynamic-k (top_p < 1): with p = softmax(l) sorted as S, keep the r-th choice iff
              r < min_k or p_S[0] + ... + p_S[r-1] < top_p                (Huang et al. 2024)
     g_e    = s_e / sum_{j kept} s_j   if renormalize else s_e,   times gate_scale, for e kept
+             (sigmoid scores renormalise as softmax_{j kept}(log sigmoid(l_j)): no 0/0 when they underflow)
+    g      = NaN for every choice of a token whose scores hold a NaN (NaN/inf logits give a NaN row)
     y[t]   = sum_{e kept} g_e * f_e(x[t])
     f_e(x) = act(x @ w_in[e].T + b_in[e]) @ w_out[e].T + b_out[e]          (plain FFN expert)
     f_e(x) = (act(a[0::2]) * a[1::2]) @ w_out[e].T + b_out[e],
@@ -55,6 +58,8 @@ ACTIVATIONS = {
     "gelu": F.gelu,
     "gelu_tanh": functools.partial(F.gelu, approximate="tanh"),
     "silu": F.silu,
+    "quick_gelu": lambda a: a * torch.sigmoid(1.702 * a),  # CLIP's default, x sigma(1.702 x)
+    "relu2": lambda a: F.relu(a).square(),                 # squared ReLU (Primer; Nemotron)
 }
 SCORINGS = ("softmax", "sigmoid", "unit")
 KERNEL_PATHS = ("auto", "triton", "cpu", "reference")
@@ -209,15 +214,21 @@ def route(router_input: Tensor, w_router: Tensor, b_router: Optional[Tensor], at
         scores = logits.sigmoid()
     else:
         scores = logits
-    top_scores, ids = scores.topk(attrs.top_k, dim=-1)
-    gates = torch.ones_like(top_scores) if attrs.scoring == "unit" else top_scores
+    ids = (scores if attrs.scoring == "softmax" else logits).topk(attrs.top_k, dim=-1).indices
+    gates = torch.ones(ids.shape, dtype=acc, device=ids.device) if attrs.scoring == "unit" else scores.gather(-1, ids)
+    kept = torch.ones_like(gates, dtype=torch.bool)
     if attrs.top_p < 1.0:
         probs = logits.softmax(-1).gather(-1, ids)
         mass_before = probs.cumsum(-1) - probs
         rank = torch.arange(attrs.top_k, device=ids.device)
-        gates = gates * ((rank < attrs.min_k) | (mass_before < attrs.top_p))
-    if attrs.renormalize:
+        kept = (rank < attrs.min_k) | (mass_before < attrs.top_p)
+        gates = gates * kept
+    if attrs.renormalize and attrs.scoring == "sigmoid":
+        log_gates = F.logsigmoid(logits.gather(-1, ids)).masked_fill(~kept, -math.inf)
+        gates = log_gates.softmax(-1)
+    elif attrs.renormalize:
         gates = gates / gates.sum(-1, keepdim=True)
+    gates = gates.masked_fill(scores.isnan().any(-1, keepdim=True), math.nan)
     return (gates if attrs.gate_scale == 1.0 else gates * attrs.gate_scale), ids
 
 
@@ -288,6 +299,8 @@ ACTIVATION_GRADS = {
     "gelu": lambda a: 0.5 * (1 + torch.erf(a / math.sqrt(2))) + a * torch.exp(-0.5 * a * a) / math.sqrt(2 * math.pi),
     "gelu_tanh": lambda a: _gelu_tanh_grad(a),
     "silu": lambda a: torch.sigmoid(a) * (1 + a * (1 - torch.sigmoid(a))),
+    "quick_gelu": lambda a: torch.sigmoid(1.702 * a) * (1 + 1.702 * a * (1 - torch.sigmoid(1.702 * a))),
+    "relu2": lambda a: 2 * F.relu(a),
 }
 
 

@@ -48,6 +48,8 @@ class Case:
     one_expert: bool = False  # router bias sends every token's first choice to expert 0
     router_hidden: int = 0  # > 0: pre-gating, the router reads its own input of this width instead of x
     entry: str = "moe_triton"  # or "op": through torch.ops.moefx.moe, or "triton_op": torch.ops.moefx.moe_triton
+    nan_token: bool = False  # token 1's router input is NaN (needs router_hidden): its output must be NaN
+    router_shift: float = 0.0  # added to every router bias: -200 underflows fp32 sigmoid scores to 0
 
     def __str__(self):
         return self.name
@@ -74,6 +76,14 @@ CASES = [
     Case("t1-e8-k2-fp16-decode", 1, 8, 2, dtype="float16", gated=False),
     Case("t17-e8-k2-pregated", 17, 8, 2, router_hidden=32, num_copy=1),
     Case("t2-e8-k2-pregated-decode", 2, 8, 2, router_hidden=56),
+    # A NaN router row gives that token NaN (the reference's answer), never a zero row or an out-of-range id.
+    Case("t17-e8-k2-nan-router-row", 17, 8, 2, router_hidden=32, nan_token=True),
+    Case("t2-e8-k2-nan-router-row-decode", 2, 8, 2, router_hidden=32, nan_token=True),
+    Case("t17-e8-k2-unit-nan-router-row", 17, 8, 2, router_hidden=32, nan_token=True, scoring="unit",
+         renormalize=False),
+    # Renormalised sigmoid scores that underflow in fp32 (0/0 without the log-space renormalisation).
+    Case("t17-e8-k2-sigmoid-underflow", 17, 8, 2, scoring="sigmoid", router_shift=-200.0),
+    Case("t2-e8-k2-sigmoid-underflow-decode", 2, 8, 2, scoring="sigmoid", router_shift=-200.0),
     # Many router blocks: the permutation's chunked walk over block counts and 64-bit row offsets.
     Case("t1024-e4-k1-many-blocks", 1024, 4, 1, hidden=20, width=12),
 ]
@@ -98,6 +108,10 @@ def make_inputs(case: Case, device="cpu", seed=0):
     if case.one_expert:
         b_router = torch.zeros(choices, dtype=dtype, device=device) if b_router is None else b_router
         b_router[0] += 30.0
+    if case.router_shift:
+        b_router = b_router + case.router_shift
+    if case.nan_token:
+        router_input[1, 3] = math.nan
     w_in = rand(case.experts, f_in, case.hidden, scale=1 / math.sqrt(case.hidden))
     b_in = rand(case.experts, f_in, scale=0.1) if case.bias else None
     w_out = rand(case.experts, case.hidden, case.width, scale=1 / math.sqrt(case.width))
@@ -112,9 +126,11 @@ def relative_error(out, args) -> float:
     ref = moe_reference(*unflatten([a.double().cpu() if isinstance(a, torch.Tensor) else a for a in args]))
     if ref.numel() == 0:
         return 0.0 if out.shape == ref.shape else math.inf
-    if not torch.isfinite(out).all():
-        return math.inf
-    return ((out.double().cpu() - ref).norm() / ref.norm()).item()
+    out = out.double().cpu()
+    nan_rows = ref.isnan().any(-1)
+    if not torch.equal(out.isnan().all(-1), nan_rows) or not torch.isfinite(out[~nan_rows]).all():
+        return math.inf  # NaN exactly in the reference's NaN rows (whole rows), finite elsewhere
+    return ((out[~nan_rows] - ref[~nan_rows]).norm() / ref[~nan_rows].norm()).item()
 
 
 def routing_facts(args) -> dict:
@@ -126,7 +142,7 @@ def routing_facts(args) -> dict:
     gates, ids = route(router_input, w_router, b_router, unflatten(args)[1])
     num_experts = w_in.shape[0]
     return {"dropped": int((gates == 0).sum()), "zero_computation": int((ids >= num_experts).sum()),
-            "experts_used": int(ids.unique().numel())}
+            "experts_used": int(ids.unique().numel()), "nan_rows": int(gates.isnan().any(-1).sum())}
 
 
 def run(case: Case) -> torch.Tensor:
@@ -188,6 +204,8 @@ def test_interpreter_matches_reference(case, interpreter_results):
         assert result["zero_computation"] > 0, "no token chose a zero-computation expert"
     if case.one_expert and case.top_k == 1:
         assert result["experts_used"] == 1
+    if case.nan_token:
+        assert result["nan_rows"] == 1
 
 
 def test_triton_op_has_the_op_schema_and_traces_without_host_sync():

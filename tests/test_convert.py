@@ -199,3 +199,90 @@ def test_unconvertible_shapes_are_reported_by_name():
     report = moe.moefx_report
     assert report.converted == ["ffn.2 -> ffn.moe"]
     assert any(s.startswith("b: widths do not chain") for s in report.skipped)
+
+
+def test_calibration_passed_as_one_batch_names_the_fix():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
+    with pytest.raises(ValueError, match=_literal("calibration is one dict (a single batch)") + ".*calibration=\\[batch\\]"):
+        moefx.convert(model, calibration={"input": torch.randn(2, 8)}, progress=False)
+    with pytest.raises(ValueError, match=_literal("calibration is one tensor of shape (2, 8)") + ".*calibration=\\[x\\]"):
+        moefx.convert(model, calibration=torch.randn(2, 8), progress=False)
+
+
+def test_calibration_batches_are_not_changed_by_a_model_that_adds_keys():
+    class AddsKeys(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ffn = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
+
+        def forward(self, features: dict):
+            features["embedding"] = self.ffn(features["x"])  # SentenceTransformer style
+            return features["embedding"]
+
+    batch = ({"x": torch.randn(3, 8)},)
+    moefx.convert(AddsKeys(), num_experts=4, top_k=4, calibration=[batch], progress=False)
+    assert list(batch[0]) == ["x"]
+    moefx.convert(AddsKeys(), num_experts=4, top_k=4, calibration=[batch], progress=False)  # the same batches again
+
+
+def test_bad_models_and_widths_name_the_problem_and_the_fix():
+    meta = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8)).to("meta")
+    with pytest.raises(ValueError, match="0.weight is on the meta device.*load the weights first"):
+        moefx.convert(meta, calibration=[torch.randn(2, 8)], progress=False)
+    prime = torch.nn.Sequential(torch.nn.Linear(8, 131), torch.nn.ReLU(), torch.nn.Linear(131, 8))
+    with pytest.raises(ValueError, match="131 has no divisor up to 128.*method='upcycle'"):
+        moefx.convert(prime, num_experts=4, top_k=2, calibration=[torch.randn(2, 8)], progress=False)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
+    with pytest.raises((TypeError, ValueError), match="num_experts"):
+        moefx.convert(model, num_experts=4.0, top_k=2, calibration=[torch.randn(2, 8)], progress=False)
+    nan = torch.full((2, 8), math.nan)
+    with pytest.raises(ValueError, match="output on calibration batch 0 holds NaN or inf"):
+        moefx.convert(model, num_experts=4, top_k=2, calibration=[nan], progress=False)
+
+
+def test_activations_are_told_apart_far_outside_where_they_differ():
+    class Act(torch.nn.Module):
+        def __init__(self, fn):
+            super().__init__()
+            self.fn, self.up, self.down = fn, torch.nn.Linear(8, 32), torch.nn.Linear(32, 8)
+
+        def forward(self, x):
+            return self.down(self.fn(self.up(x)))
+
+    class QuickGELU(torch.nn.Module):  # CLIP's
+        def forward(self, h):
+            return h * torch.sigmoid(1.702 * h)
+
+    class ReLUSquared(torch.nn.Module):  # Nemotron's
+        def forward(self, h):
+            return torch.relu(h) ** 2
+
+    x = torch.randn(4, 8)
+    for fn, name in ((QuickGELU(), "quick_gelu"), (ReLUSquared(), "relu2")):
+        model = Act(fn).eval()
+        moe = moefx.convert(model, num_experts=4, top_k=4, calibration=[x], progress=False)
+        assert next(m for m in moe.modules() if isinstance(m, MoELayer)).activation == name
+        assert relative_error(moe(x), model(x)) <= 1e-5
+    with pytest.raises(ValueError, match="found no dense FFN"):  # a clamp is no ReLU, even if it agrees on [-8, 8]
+        moefx.convert(Act(lambda h: torch.clamp(h, 0, 10)), num_experts=4, top_k=4, calibration=[x], progress=False)
+
+
+def test_untraceable_modules_are_reported_only_when_they_hold_an_ffn():
+    class Opaque(torch.nn.Module):
+        def __init__(self, ffn: bool):
+            super().__init__()
+            self.ffn = ffn
+            self.a, self.b = (torch.nn.Linear(8, 32), torch.nn.Linear(32, 8)) if ffn else (torch.nn.Linear(8, 8),
+                                                                                            torch.nn.Linear(8, 8))
+
+        def forward(self, x):
+            steps = int(x.abs().sum() > 0) + 1  # Python on a tensor's value: the tracer cannot follow it
+            return (self.b(torch.relu(self.a(x))) if self.ffn else self.b(self.a(x))) * steps
+
+    model = torch.nn.Sequential(Opaque(False), Opaque(True),
+                                torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.GELU(), torch.nn.Linear(32, 8)))
+    moe = moefx.convert(model, num_experts=4, top_k=4, calibration=[torch.randn(3, 8)], progress=False)
+    report = moe.moefx_report
+    assert report.converted == ["2.2 -> 2.moe"]
+    assert len(report.skipped) == 1 and report.skipped[0].startswith("1.b: an FFN (1.a -> relu -> b) inside 1 (Opaque), "
+                                                                      "which does not trace"), report.skipped

@@ -45,6 +45,8 @@ CASES = [
     dict(scoring="softmax", renormalize=True, gated=True, activation="silu", bias=False, top_p=0.5, min_k=1),
     dict(scoring="softmax", renormalize=False, gated=False, activation="relu", bias=False, num_zero=1, num_copy=1,
          num_const=2),
+    dict(scoring="sigmoid", renormalize=True, gated=True, activation="quick_gelu", bias=True),
+    dict(scoring="softmax", renormalize=True, gated=False, activation="relu2", bias=True),
 ]
 
 
@@ -128,3 +130,46 @@ def test_shape_mismatch_is_named():
     t, cfg = _inputs(CASES[0], dtype=torch.float32), _config(CASES[0])
     with pytest.raises(ValueError, match=r"w_out is \(5, 10, 5\), expected \[5, 10, 6\]"):
         _call(dict(t, w_out=t["w_out"][..., :5]), cfg)
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(scoring="sofmax"), "scoring 'sofmax' is not one of"),
+    (dict(top_k=0), "top_k=0 must be at least 1"),
+])
+def test_raw_op_validates_its_attributes(change, message):
+    """torch.ops.moefx.moe called directly (not through moe_op) refuses what MoEAttrs refuses."""
+    t, cfg = _inputs(CASES[0], dtype=torch.float32), _config(CASES[0]) | change
+    flat = [t["x"], t["x"], t["w_router"], t["b_router"], t["w_in"], t["b_in"], t["w_out"], t["b_out"], t["const"]]
+    with pytest.raises((ValueError, RuntimeError), match=__import__("re").escape(message)):
+        torch.ops.moefx.moe(*flat, *cfg.values())
+
+
+def test_renormalized_sigmoid_gates_of_very_negative_fp32_logits_are_finite():
+    """sigmoid(-200) is 0 in fp32: renormalising in log space gives the fp64 gates, not 0/0."""
+    from moefx.op import route
+    attrs = MoEAttrs(top_k=2, activation="silu", gated=False, scoring="sigmoid", renormalize=True)
+    x = torch.randn(5, 6, dtype=torch.float64)
+    w = torch.randn(4, 6, dtype=torch.float64)
+    b = torch.full((4,), -200.0, dtype=torch.float64)
+    want, ids = route(x, w, b, attrs)
+    got, got_ids = route(x.float(), w.float(), b.float(), attrs)
+    assert torch.isfinite(got).all() and torch.equal(got_ids, ids)
+    assert relative_error(got, want) <= 1e-5
+
+
+def test_nan_router_logits_give_that_token_nan_and_no_other():
+    t, cfg = _inputs(CASES[0], dtype=torch.float32), _config(CASES[0])
+    router_input = t["x"].clone()
+    router_input[1, 0] = float("nan")
+    inputs = MoEInputs(t["x"], router_input, t["w_router"], t["b_router"], t["w_in"], t["b_in"], t["w_out"],
+                       t["b_out"], t["const"])
+    out = moe_op(inputs, MoEAttrs(**cfg))
+    assert out[1].isnan().all() and torch.isfinite(out[[0] + list(range(2, len(out)))]).all()
+
+
+@pytest.mark.parametrize("activation", ["quick_gelu", "relu2"])
+def test_new_activation_gradients_match_autograd(activation):
+    from moefx.op import ACTIVATION_GRADS
+    a = torch.linspace(-6, 6, 101, dtype=torch.float64).requires_grad_()
+    ACTIVATIONS[activation](a).sum().backward()
+    assert torch.allclose(ACTIVATION_GRADS[activation](a.detach()), a.grad, atol=1e-12)

@@ -62,3 +62,36 @@ def test_every_recipe_option_round_trips(tmp_path, options):
 def test_saving_needs_a_converted_model(tmp_path):
     with pytest.raises(ValueError, match="save the model that moefx.convert returned"):
         save_pretrained(PlainFFN(), str(tmp_path))
+
+
+def test_moefx_layout_is_not_loadable_as_the_dense_architecture(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    dense, batch = _tiny_bert()
+    save_pretrained(moefx.convert(dense, 4, 4, [batch], progress=False), str(tmp_path))
+    with pytest.raises(OSError):  # no model.safetensors: transformers refuses instead of loading random FFNs
+        transformers.AutoModel.from_pretrained(str(tmp_path))
+
+
+def test_fp16_checkpoint_reloads_as_fp16(tmp_path):
+    dense, batch = _tiny_bert()
+    moe = moefx.convert(dense.half(), 4, 4, [batch], progress=False)
+    save_pretrained(moe, str(tmp_path))
+    loaded = load_pretrained(str(tmp_path))
+    assert {p.dtype for p in loaded.parameters()} == {torch.float16}
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch).last_hidden_state, moe(**batch).last_hidden_state)
+
+
+def test_failed_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    first = moefx.convert(PlainFFN().eval(), 8, 2, [torch.randn(16, 16)], progress=False)
+    save_pretrained(first, str(tmp_path))
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    second = moefx.convert(PlainFFN().eval(), 8, 2, [torch.randn(16, 16)], progress=False)
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+    monkeypatch.setattr("moefx.checkpoint.json.dump", fail)  # fails after the weights are written
+    with pytest.raises(OSError, match="disk full"):
+        save_pretrained(second, str(tmp_path))
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before

@@ -3,10 +3,13 @@
 Patterns, with any number of identity nodes (dropout in eval mode) between the steps:
   plain:  L_out(act(L_in(x)))
   gated:  L_out(act(L_gate(x)) * L_up(x))            (SwiGLU, GeGLU)
+  fused:  L_out(act(a) * b), a, b = L_in(x).chunk(2, -1)  (either half gates: Phi-3, ModernBERT, GEGLU)
 An ``L`` is any childless module that computes an affine map of its input; ``act`` is any
 element-wise node (module, function or method) that computes one of the contract's
 activations. Both are recognised by what they compute on a probe input, not by names, so
 ``nn.Linear``, GPT-2's ``Conv1D``, ``nn.GELU``, HF's ``NewGELUActivation`` and ``F.silu`` all match.
+The activation probe reaches far beyond where activations differ (to +-1e4), so that a clamp or
+a saturating function is not taken for ReLU or GELU.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
+from moefx.convert.trace import guard_only
 from moefx.ffn import FFN
 from moefx.op import ACTIVATIONS
 
@@ -54,7 +58,8 @@ def affine_map(module: nn.Module) -> Optional[tuple[Tensor, Optional[Tensor]]]:
 
 @functools.cache
 def _probe() -> Tensor:
-    return torch.linspace(-8, 8, 4001, dtype=torch.float32)
+    far = torch.tensor([12.0, 20.0, 30.0, 50.0, 100.0, 300.0, 1e3, 1e4])
+    return torch.cat([-far.flip(0), torch.linspace(-8, 8, 4001), far])
 
 
 def elementwise_kind(node: fx.Node, gm: fx.GraphModule) -> Optional[str]:
@@ -84,21 +89,26 @@ def elementwise_kind(node: fx.Node, gm: fx.GraphModule) -> Optional[str]:
     if torch.equal(y, z):
         return "identity"
     for name, act in ACTIVATIONS.items():
-        if torch.allclose(y, act(z), rtol=0, atol=1e-6):
+        if torch.allclose(y, act(z), rtol=1e-6, atol=1e-6):
             return name
     return None
 
 
+def uses(node: fx.Node) -> list[fx.Node]:
+    """The users of ``node`` that compute something (not the tracer's guards on it)."""
+    return [u for u in node.users if not guard_only(u)]
+
+
 def _skip_identities(node: fx.Node, gm: fx.GraphModule, chain: list[fx.Node]) -> fx.Node:
     """Walk back from ``node`` over single-use identity nodes, collecting them in ``chain``."""
-    while isinstance(node, fx.Node) and len(node.users) == 1 and elementwise_kind(node, gm) == "identity":
+    while isinstance(node, fx.Node) and len(uses(node)) == 1 and elementwise_kind(node, gm) == "identity":
         chain.append(node)
         node = node.args[0]
     return node
 
 
 def _single_use(*nodes: fx.Node) -> bool:
-    return all(len(n.users) == 1 for n in nodes)
+    return all(len(uses(n)) == 1 for n in nodes)
 
 
 def find_ffns(gm: fx.GraphModule, piece: str, affine: dict[str, tuple]) -> tuple[list[FFN], list[str]]:
@@ -136,15 +146,28 @@ def find_ffns(gm: fx.GraphModule, piece: str, affine: dict[str, tuple]) -> tuple
             in_maps, x, gated = [in_map], in_node.args[0], False
         elif hidden.op in ("call_function", "call_method") and hidden.target in _MUL_TARGETS and len(hidden.args) == 2:
             match = _gated_branches(hidden, gm, linear)
-            if match is None:
+            fused = None if match is not None else _fused_branches(hidden, gm, linear)
+            if match is not None:
+                act_node, gate_node, up_node, kind = match
+                if not _single_use(hidden, act_node, gate_node, up_node):
+                    rejected.append(f"{name}: a gated branch is also used outside the FFN")
+                    continue
+                chain += [hidden, act_node, gate_node, up_node]
+                in_maps, x, gated = [linear(gate_node), linear(up_node)], gate_node.args[0], True
+            elif fused is not None:
+                nodes, in_maps, kind = fused
+                if not _single_use(hidden, *nodes[:3], nodes[4]):
+                    rejected.append(f"{name}: a half of the fused gate/up projection is also used outside the FFN")
+                    continue
+                chain += [hidden, *nodes]
+                x, gated = nodes[-1].args[0], True
+            else:
                 continue
-            act_node, gate_node, up_node, kind = match
-            if not _single_use(hidden, act_node, gate_node, up_node):
-                rejected.append(f"{name}: a gated branch is also used outside the FFN")
-                continue
-            chain += [hidden, act_node, gate_node, up_node]
-            in_maps, x, gated = [linear(gate_node), linear(up_node)], gate_node.args[0], True
         else:
+            if hidden.target in _CAT_TARGETS and _holds_activation(hidden, gm, linear):
+                rejected.append(f"{name}: reads an FFN's hidden activation concatenated with another tensor (as "
+                                "Flux's single blocks do with attention); moefx converts FFNs whose output Linear "
+                                "reads the hidden activation alone")
             continue
         w_out, b_out = out_map
         shapes = {tuple(w.shape) for w, _ in in_maps}
@@ -155,6 +178,92 @@ def find_ffns(gm: fx.GraphModule, piece: str, affine: dict[str, tuple]) -> tuple
         found.append(FFN(piece, name, x, out_node, chain, gm.get_submodule(out_node.target), in_maps, w_out,
                          b_out, kind, gated))
     return found, rejected
+
+
+_CAT_TARGETS = (torch.cat, torch.concat, torch.concatenate)
+
+
+def _holds_activation(cat: fx.Node, gm: fx.GraphModule, linear) -> bool:
+    """Whether one of the tensors ``cat`` joins is act(L(x))."""
+    parts = cat.args[0] if cat.args and isinstance(cat.args[0], (list, tuple)) else []
+    for part in parts:
+        if isinstance(part, fx.Node) and elementwise_kind(part, gm) not in (None, "identity"):
+            if linear(_skip_identities(part.args[0], gm, [])) is not None:
+                return True
+    return False
+
+
+_CHUNK_TARGETS = ("chunk", torch.chunk, torch.Tensor.chunk)
+_SPLIT_TARGETS = ("split", torch.split, torch.Tensor.split)
+
+
+def _halves(node: fx.Node) -> Optional[int]:
+    """Which half (0 or 1) of a last-axis split in two ``node`` takes: getitem(chunk(t, 2, -1), i)."""
+    if not (node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], fx.Node)
+            and node.args[1] in (0, 1)):
+        return None
+    split = node.args[0]
+    if split.op not in ("call_function", "call_method") or len(split.args) < 2:
+        return None
+    dim = split.kwargs.get("dim", split.args[2] if len(split.args) > 2 else 0)
+    if dim != -1:
+        return None
+    if split.target in _CHUNK_TARGETS and split.args[1] == 2:
+        return node.args[1]
+    if split.target in _SPLIT_TARGETS and isinstance(split.args[1], int):
+        return node.args[1]
+    return None
+
+
+def _fused_branches(mul: fx.Node, gm: fx.GraphModule, linear):
+    """For act(a) * b with a, b the two halves of one Linear's output (fused gate/up): (nodes from the
+    activation to the Linear, [(W_gate, b_gate), (W_up, b_up)], activation)."""
+    for act_node, up_node in (mul.args, mul.args[::-1]):
+        if not isinstance(act_node, fx.Node) or not isinstance(up_node, fx.Node):
+            continue
+        kind = elementwise_kind(act_node, gm)
+        if kind in (None, "identity") or not isinstance(act_node.args[0], fx.Node):
+            continue
+        gate_half, up_half = _halves(act_node.args[0]), _halves(up_node)
+        split = act_node.args[0].args[0]
+        if gate_half is None or up_half is None or gate_half == up_half or up_node.args[0] is not split:
+            continue
+        in_node = split.args[0]
+        in_map = linear(in_node) if isinstance(in_node, fx.Node) else None
+        if in_map is None or in_map[0].shape[0] % 2:
+            continue
+        w, b = in_map
+        width = w.shape[0] // 2
+        if split.target in _SPLIT_TARGETS and split.args[1] != width:
+            continue
+        rows = [slice(0, width), slice(width, 2 * width)]
+        maps = [(w[rows[h]], None if b is None else b[rows[h]]) for h in (gate_half, up_half)]
+        if not all(len(uses(n)) == 1 for n in (act_node.args[0], up_node)) or len(uses(split)) != 2:
+            return None
+        return [act_node, act_node.args[0], up_node, split, in_node], maps, kind
+    return None
+
+
+def data_flow_ffn(x: Tensor, sources: dict[str, Tensor]) -> Optional[str]:
+    """How ``x`` (a linear layer's input) is an FFN's hidden activation of ``sources`` (other linear layers'
+    outputs on the same call): "a -> act" or "act(a) * b" or "fused a"; None when it is none of them."""
+    def close(h: Tensor) -> bool:
+        return h.shape == x.shape and torch.allclose(h.float(), x.float(), rtol=1e-4, atol=1e-5)
+
+    for name, y in sources.items():
+        if y.shape[:-1] != x.shape[:-1]:
+            continue
+        for act_name, act in ACTIVATIONS.items():
+            if y.shape[-1] == x.shape[-1] and close(act(y)):
+                return f"{name} -> {act_name}"
+            if y.shape[-1] == 2 * x.shape[-1]:
+                a, b = y.chunk(2, -1)
+                if close(act(a) * b) or close(act(b) * a):
+                    return f"{name} (fused gate/up) -> {act_name}"
+            for other, u in sources.items():
+                if other != name and u.shape == y.shape == x.shape and close(act(y) * u):
+                    return f"{act_name}({name}) * {other}"
+    return None
 
 
 def _gated_branches(mul: fx.Node, gm: fx.GraphModule, linear):

@@ -32,7 +32,7 @@ from torch.utils import _pytree as pytree
 
 from moefx.convert.find import find_ffns
 from moefx.convert.trace import (CALL_SPEC, ROUTER_INPUT, CallSpec, RecordedCall, add_graph_input, input_nodes,
-                                 qualified, trace_piece, within)
+                                 NotTraced, qualified, trace_piece, within)
 from moefx.layer import MoELayer
 from moefx.runtime import call_model, hooks
 
@@ -111,11 +111,11 @@ def _claim(model: nn.Module, name: str, call: RecordedCall, pieces: dict, affine
     opaque = {m for n, m in module.named_modules() if n and next(m.children(), None) is not None
               and not any(k == qualified(name, n) or within(k, qualified(name, n)) for k in kept)}
     own = [f for f in pieces.get(name, (None, []))[1]]
-    gm = trace_piece(module, call, leaves | opaque, name)
+    gm = _traced(module, call, leaves | opaque, name)
     found = None if gm is None else find_ffns(gm, name, affine)[0]
     if gm is None or [f.name for f in found] != [f.name for f in own]:
         log.debug("moefx: pregate traces block %s through its attention (FFNs differ when it is opaque)", name)
-        gm = pieces[name][0] if name in pieces else trace_piece(module, call, leaves, name)
+        gm = pieces[name][0] if name in pieces else _traced(module, call, leaves, name)
         found = own
     if gm is None:
         raise unrouted_error(model, held[0].name, [name])
@@ -125,12 +125,19 @@ def _claim(model: nn.Module, name: str, call: RecordedCall, pieces: dict, affine
 
 
 def _retrace(model: nn.Module, name: str, call: RecordedCall, leaves: set, affine: dict, found: list):
-    gm = trace_piece(model.get_submodule(name), call, leaves, name)
+    gm = _traced(model.get_submodule(name), call, leaves, name)
     refound = None if gm is None else find_ffns(gm, name, affine)[0]
     if gm is None or [f.name for f in refound] != [f.name for f in found]:
         raise ValueError(f"moefx.convert(pregate='block'): {name or '<model>'} holds a block and FFNs of its own, "
                          "and does not trace with the block opaque. Convert without pregate")
     return gm, refound
+
+
+def _traced(module: nn.Module, call: RecordedCall, leaves: set, name: str) -> Optional[fx.GraphModule]:
+    try:
+        return trace_piece(module, call, leaves, name)
+    except NotTraced:
+        return None
 
 
 def block_input(call: RecordedCall) -> Optional[tuple[int, int]]:

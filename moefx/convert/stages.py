@@ -12,14 +12,16 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
+import torch
 import torch.fx as fx
 from torch import Tensor, nn
+from torch.utils import _pytree as pytree
 from tqdm.auto import tqdm
 
 from moefx.convert import pregate
-from moefx.convert.find import affine_map, find_ffns
-from moefx.convert.rewrite import replace_ffn
-from moefx.convert.trace import qualified, record_calls, trace_piece, within
+from moefx.convert.find import affine_map, data_flow_ffn, find_ffns
+from moefx.convert.rewrite import SpanSwap, apply_span_swap, as_module_swap, replace_ffn, span_swap
+from moefx.convert.trace import NotTraced, qualified, record_calls, trace_piece, within
 from moefx.ffn import FFN
 from moefx.fit.calibrate import HiddenStats, capture_rows, collect_hidden_stats
 from moefx.fit.carve import CARVERS, NEEDS_STATISTICS, carved_layer, contiguous_groups, partition, upcycled_layer
@@ -29,6 +31,7 @@ from moefx.fit.refit import compensate, dense_output, fit_gates, refit, uniform_
 from moefx.fit.routers import FITTED_ROUTERS, representative_router
 from moefx.fit.validate import Fit, held_out_split
 from moefx.layer import MoELayer
+from moefx.op import ACTIVATIONS
 from moefx.recipe import Recipe
 from moefx.runtime import call_model, run_batch
 
@@ -94,11 +97,12 @@ class Conversion:
     calls: dict = field(default_factory=dict)         # module name -> RecordedCall on the first batch
     pieces: dict[str, tuple[fx.GraphModule, list[FFN]]] = field(default_factory=dict)  # traced pieces with FFNs
     leaves: set = field(default_factory=set)          # modules enclosing pieces treat as opaque
-    untraced: dict[str, list[str]] = field(default_factory=dict)  # modules that do not trace -> linears inside
+    untraced: dict[str, tuple[list[str], str]] = field(default_factory=dict)  # not traced -> (linears inside, why)
     blocks: dict[str, pregate.Block] = field(default_factory=dict)
     stats: dict[str, HiddenStats] = field(default_factory=dict)
     importance: dict[str, Tensor] = field(default_factory=dict)
     layers: list[tuple[FFN, MoELayer]] = field(default_factory=list)
+    spans: dict[str, SpanSwap] = field(default_factory=dict)  # FFN name -> its modules' swap, where one exists
     teacher: Optional[list[Tensor]] = None
 
     @property
@@ -124,11 +128,14 @@ def record_teacher(c: Conversion) -> None:
 
 def trace_and_find(c: Conversion) -> None:
     """Trace modules bottom-up (``trace.trace_piece``) and find the FFNs in each graph (``find.find_ffns``);
-    a module whose graph holds FFNs becomes a piece, opaque to the modules around it."""
+    a module whose graph holds FFNs becomes a piece, opaque to the modules around it, and so does one that
+    traces and holds none (attention), so that its Python (masks, caches) runs at every call."""
     c.affine = {name: w for name, module in c.model.named_modules() if (w := affine_map(module)) is not None}
     candidates = {name: m for name, m in c.model.named_modules()
                   if next(m.children(), None) is not None and type(m).forward is not nn.Module.forward}
-    c.calls = record_calls(c.model, candidates, lambda: run_batch(c.run, c.batches[0], 0))
+    outputs = []
+    c.calls = record_calls(c.model, candidates, lambda: outputs.append(run_batch(c.run, c.batches[0], 0)))
+    _check_finite(outputs[0])
     seen: set[str] = set()
     for name in sorted(c.calls, key=_innermost_first):
         module = candidates[name]
@@ -136,22 +143,54 @@ def trace_and_find(c: Conversion) -> None:
         opaque = [n for n, m in candidates.items() if m in c.leaves and within(n, name)]
         if len([a for a in inside if not any(within(a, o) for o in opaque)]) < 2:
             continue  # every linear layer left is inside an FFN piece or an opaque module
-        gm = trace_piece(module, c.calls[name], c.leaves, name)
-        if gm is None:
+        try:
+            gm = trace_piece(module, c.calls[name], c.leaves, name)
+        except NotTraced as why:
             c.leaves.add(module)
-            c.untraced[name] = inside
+            c.untraced[name] = (inside, str(why))
             continue
         seen.update(qualified(name, n.target) for n in gm.graph.nodes if n.op == "call_module")
         ffns, rejected = find_ffns(gm, name, c.affine)
         c.report.skipped += [r for r in rejected if r not in c.report.skipped]
+        c.leaves.add(module)
         if ffns:
             c.pieces[name] = (gm, ffns)
-            c.leaves.add(module)
-    for name, inside in c.untraced.items():
-        hidden = [a for a in inside if a not in seen]
-        if len(hidden) >= 2:
-            c.report.skipped.append(f"{name or '<model>'} ({type(c.model.get_submodule(name)).__name__}): does not "
-                                    f"trace, so its {len(hidden)} linear layers were not inspected")
+    report_untraced_ffns(c, seen)
+
+
+def _check_finite(output: Any) -> None:
+    leaves = output.to_tuple() if hasattr(output, "to_tuple") else output
+    for leaf in pytree.tree_leaves(leaves):
+        if isinstance(leaf, Tensor) and leaf.is_floating_point() and not torch.isfinite(leaf).all():
+            raise ValueError("moefx.convert: the model's output on calibration batch 0 holds NaN or inf, so no traced "
+                             "module can be checked against it; check the batch (and run the model in fp32) before "
+                             "converting")
+
+
+def report_untraced_ffns(c: Conversion, seen: set[str]) -> None:
+    """Name, with the tracer's reason, every FFN inside a module that does not trace: found from data flow
+    (a linear layer whose input is an activation of another's output on the calibration batch). Modules
+    that do not trace but hold no FFN (attention, the root) are not failures and are not reported."""
+    hidden: dict[str, str] = {}  # linear layer -> the innermost module holding it that does not trace
+    for name, (inside, _) in c.untraced.items():
+        for a in inside:
+            if a not in seen:
+                hidden.setdefault(a, name)
+    if len(hidden) < 2:
+        return
+    modules = {a: c.model.get_submodule(a) for a in hidden}
+    calls = record_calls(c.model, modules, lambda: run_batch(c.run, c.batches[0], 0))
+    flows = {a: (call.args[0], call.output) for a, call in calls.items()
+             if call.args and isinstance(call.args[0], Tensor) and isinstance(call.output, Tensor)}
+    for out_name, (x, _) in flows.items():
+        owner = hidden[out_name]
+        sources = {a: y for a, (_, y) in flows.items() if a != out_name and hidden[a] == owner}
+        pattern = data_flow_ffn(x, sources)
+        if pattern:
+            inside, why = c.untraced[owner]
+            c.report.skipped.append(f"{out_name}: an FFN ({pattern} -> {out_name.rsplit('.', 1)[-1]}) inside "
+                                    f"{owner or '<model>'} ({type(c.model.get_submodule(owner)).__name__}), which "
+                                    f"{why}; it was not converted")
 
 
 def claim_blocks(c: Conversion) -> None:
@@ -169,7 +208,7 @@ def check_found(c: Conversion) -> None:
                          f"{type(c.model).__name__}; saw {len(affine)} linear layer(s)"
                          + (f" ({', '.join(affine[:6])}{', ...' if len(affine) > 6 else ''})" if affine else "")
                          + ". " + ("; ".join(c.report.skipped) + ". " if c.report.skipped else "")
-                         + "moefx converts FFNs whose activation is one of relu, gelu, gelu_tanh, silu")
+                         + f"moefx converts FFNs whose activation is one of {', '.join(ACTIVATIONS)}")
     r = c.recipe
     for ffn in ffns:
         if r.upcycle and ffn.width % r.granularity:
@@ -177,8 +216,11 @@ def check_found(c: Conversion) -> None:
                              f"granularity={r.granularity} equal shards")
         if not r.upcycle and ffn.width % r.num_experts:
             divisors = [d for d in range(2, min(ffn.width, 129)) if ffn.width % d == 0]
+            fix = (f"pick num_experts from {divisors}" if divisors else
+                   f"{ffn.width} has no divisor up to 128, so no carving splits it evenly; convert with "
+                   "method='upcycle' (each expert a copy of the whole FFN)")
             raise ValueError(f"moefx.convert: {ffn.name} has {ffn.width} neurons, which do not split into "
-                             f"num_experts={r.num_experts} equal experts; pick num_experts from {divisors}")
+                             f"num_experts={r.num_experts} equal experts; {fix}")
 
 
 def collect_statistics(c: Conversion) -> None:
@@ -216,13 +258,17 @@ def build_layers(c: Conversion) -> None:
 
 
 def rewrite(c: Conversion) -> None:
-    """Each FFN's nodes become one call of its MoELayer; the dense weights are released."""
+    """Each FFN's nodes become one call of its MoELayer; the dense weights nothing else holds are released."""
+    keep = _held_outside_ffns(c)
     with tqdm(total=len(c.layers), desc=f"moefx {c.recipe.method}", disable=not c.progress) as bar:
         for ffn, layer in c.layers:
             gm = c.pieces[ffn.piece][0]
             inputs = [qualified(ffn.piece, n.target) for n in ffn.nodes if n.op == "call_module"
                       and n is not ffn.output_node and qualified(ffn.piece, n.target) in c.affine]
-            _release_dense_weights(ffn, gm, c.affine)
+            span = None if c.recipe.pregate else span_swap(ffn, gm, c.model)
+            if span is not None:
+                c.spans[ffn.name] = span
+            _release_dense_weights(ffn, gm, c.affine, keep)
             moe_name = replace_ffn(gm, ffn, layer)
             c.report.converted.append(f"{ffn.name} -> {qualified(ffn.piece, moe_name)}")
             c.report.layers.append(LayerOrigin(qualified(ffn.piece, moe_name), inputs, ffn.name))
@@ -237,8 +283,25 @@ def wire_blocks(c: Conversion) -> None:
 
 
 def install(c: Conversion) -> None:
-    """Put each rewritten piece where its module was (inside the nearest enclosing piece, or the model)."""
-    pieces = {name: gm for name, (gm, _) in c.pieces.items()}
+    """Swap modules where a piece allows it, so that no traced Python stays in the model: a piece that is
+    the FFN alone becomes an ``MoEFFN`` (``rewrite.as_module_swap``), an FFN spread over modules has them
+    swapped (``rewrite.SpanSwap``). Other pieces are installed as traced, guarded graphs where their module
+    was (inside the nearest enclosing piece, or the model). Either goes to every path the module had (a
+    module shared by two parents stays shared)."""
+    layer_of = {ffn.name: layer for ffn, layer in c.layers}
+    pieces = {}
+    for name, (gm, ffns) in c.pieces.items():
+        swap = as_module_swap(gm)
+        if swap is not None:
+            _rename_layer(c.report, gm, swap.moe, name, "moe")
+            pieces[name] = swap
+        elif ffns and all(f.name in c.spans for f in ffns):
+            for ffn in ffns:
+                span = c.spans[ffn.name]
+                apply_span_swap(c.model, span, layer_of[ffn.name])
+                _rename_layer(c.report, gm, layer_of[ffn.name], name, f"{span.entry}.moe")
+        else:
+            pieces[name] = gm
     for name in sorted(pieces, key=_innermost_first):
         if not name:
             c.model = pieces[name]
@@ -246,9 +309,23 @@ def install(c: Conversion) -> None:
         enclosing = [a for a in pieces if a != name and within(name, a)]
         owner_name = max(enclosing, key=len) if enclosing else None
         owner = c.model if owner_name is None else pieces[owner_name]
-        relative = name if not owner_name else name[len(owner_name) + 1:]
-        parent, _, child = relative.rpartition(".")
-        setattr(owner.get_submodule(parent), child, pieces[name])
+        original = c.model.get_submodule(name) if owner_name is None else None
+        paths = ([n for n, m in c.model.named_modules(remove_duplicate=False) if m is original]
+                 if original is not None else [name[len(owner_name) + 1:]])
+        for relative in paths:
+            parent, _, child = relative.rpartition(".")
+            setattr(owner.get_submodule(parent), child, pieces[name])
+
+
+def _rename_layer(report: ConversionReport, gm: fx.GraphModule, layer: MoELayer, piece: str, path: str) -> None:
+    """A swapped MoE layer sits at ``path`` (model-level for a span swap, else within the piece)."""
+    old = qualified(piece, next(n for n, m in gm.named_modules() if m is layer))
+    new = path if path != "moe" else qualified(piece, "moe")
+    for origin in report.layers:
+        if origin.moe == old:
+            origin.moe = new
+    report.converted = [line[: -len(old)] + new if line.endswith(f"-> {old}") else line
+                        for line in report.converted]
 
 
 def tune_layers(c: Conversion) -> None:
@@ -330,14 +407,30 @@ def _innermost_first(name: str) -> tuple:
     return -name.count(".") - bool(name), name
 
 
-def _release_dense_weights(ffn: FFN, gm: fx.GraphModule, affine: dict) -> None:
+def _held_outside_ffns(c: Conversion) -> set[int]:
+    """ids of the parameters that a module outside every found FFN holds (an embedding tied to a Linear, an
+    FFN module that a second parent also calls): converting must not release them."""
+    ffn_modules = {id(c.pieces[f.piece][0].get_submodule(n.target)) for f, _ in c.layers for n in f.nodes
+                   if n.op == "call_module"}
+    ffn_paths = {qualified(f.piece, n.target) for f, _ in c.layers for n in f.nodes if n.op == "call_module"}
+    held = set()
+    for name, module in c.model.named_modules(remove_duplicate=False):
+        if id(module) in ffn_modules and name in ffn_paths:
+            continue
+        held.update(id(p) for p in module.parameters(recurse=False))
+    return held
+
+
+def _release_dense_weights(ffn: FFN, gm: fx.GraphModule, affine: dict, keep: set[int]) -> None:
     """Free a dense FFN's weights once its experts hold copies, so that converting needs about one
-    FFN of memory beyond the model (the dense Linears leave the model in the rewrite)."""
+    FFN of memory beyond the model (the dense Linears leave the model in the rewrite); weights that
+    another module still holds (``keep``) stay."""
     for node in ffn.nodes:
         name = qualified(ffn.piece, node.target) if node.op == "call_module" else None
         if name in affine:
             affine[name] = None
             for param in gm.get_submodule(node.target).parameters(recurse=False):
-                param.data = param.data.new_empty(0)
+                if id(param) not in keep:
+                    param.data = param.data.new_empty(0)
     ffn.in_maps.clear()
     ffn.w_out = ffn.b_out = None

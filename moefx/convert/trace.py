@@ -6,12 +6,22 @@ calibration batch and traces submodules with a *concrete* tracer: every proxy ca
 it had on that batch, so Python control flow, iteration and ``len`` resolve as they did in the
 real call. Modules without children, and modules that fail to trace, stay opaque leaves. A
 traced piece is accepted only if its graph reproduces the recorded output.
+
+What the concrete tracer resolves in Python (``if``, ``len``, iteration over a value computed from
+the inputs) holds only for calls like the recorded one: each such decision stays in the graph as a
+guard that raises, naming the source line, when a later call decides otherwise; and a call whose
+arguments differ in structure or constants from the recorded one is refused naming the argument.
+Recorded calls are copies taken before the module runs, so tracing never runs a module on live
+state (a KV cache it appends to) and later in-place ops cannot change the record.
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import operator
+import os
+import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -29,23 +39,45 @@ _CONSTANT_TYPES = (type(None), bool, int, float, str, torch.dtype, torch.device)
 
 @dataclass
 class RecordedCall:
-    """The first call of a module during the recording forward: inputs and output."""
+    """The first call of a module during the recording forward: copies of its inputs as they were before
+    the call and of its output. ``fresh()`` gives new copies of the inputs for each run."""
 
     args: tuple
     kwargs: dict
     output: Any
 
+    def fresh(self) -> tuple[tuple, dict]:
+        """A copy of the inputs to run the module on once more (it may update a cache passed to it)."""
+        return snapshot((self.args, self.kwargs))
+
+
+def snapshot(value: Any) -> Any:
+    """A deep copy of ``value`` (inputs holding caches), or where something in it does not deep-copy, the
+    same structure with its tensors cloned."""
+    try:
+        return copy.deepcopy(value)
+    except Exception:  # objects that refuse deepcopy (generators, locks) are kept by reference
+        return pytree.tree_map(lambda v: v.detach().clone() if isinstance(v, torch.Tensor) else v, value)
+
 
 def record_calls(model: nn.Module, modules: dict[str, nn.Module], run: Callable[[], Any]) -> dict[str, RecordedCall]:
-    """Run ``run()`` once and keep the first (args, kwargs, output) of each of ``modules``."""
+    """Run ``run()`` once and keep copies of the first (args, kwargs, output) of each of ``modules``."""
     calls: dict[str, RecordedCall] = {}
+    pending: dict[str, tuple] = {}
 
     def register(name, module):
-        def hook(mod, args, kwargs, output):
-            calls.setdefault(name, RecordedCall(args, kwargs, output))
-        return lambda: module.register_forward_hook(hook, with_kwargs=True)
+        def before(mod, args, kwargs):
+            if name not in calls and name not in pending:
+                pending[name] = snapshot((args, kwargs))
 
-    with hooks(*(register(name, module) for name, module in modules.items())):
+        def after(mod, args, kwargs, output):
+            if name in pending:
+                inputs = pending.pop(name)
+                calls[name] = RecordedCall(*inputs, snapshot(output))
+        return (lambda: module.register_forward_pre_hook(before, with_kwargs=True),
+                lambda: module.register_forward_hook(after, with_kwargs=True))
+
+    with hooks(*(r for name, module in modules.items() for r in register(name, module))):
         run()
     return calls
 
@@ -69,13 +101,13 @@ class ConcreteProxy(fx.Proxy):
         return _ConcreteAttribute(self, attr)
 
     def __bool__(self) -> bool:
-        return bool(self.value)
+        return self.tracer.decided(self, "bool", bool(self.value))
 
     def __len__(self) -> int:
-        return len(self.value)
+        return self.tracer.decided(self, "len", len(self.value))
 
     def __iter__(self):
-        return (self[i] for i in range(len(self.value)))
+        return (self[i] for i in range(self.tracer.decided(self, "len", len(self.value))))
 
     def keys(self):
         return self.value.keys()
@@ -98,6 +130,30 @@ def _unpatched_modules():
         nn.Module.__call__, nn.Module.__getattr__ = patched
 
 
+_HERE = (os.path.dirname(fx.__file__), __file__)
+
+
+def _source_line() -> str:
+    """The innermost line of the traced model's code on the stack (what a guard names)."""
+    for frame in reversed(traceback.extract_stack()):
+        if not frame.filename.startswith(_HERE):
+            return f"{os.path.basename(frame.filename)}:{frame.lineno} `{(frame.line or '').strip()}`"
+    return "<unknown>"
+
+
+def check_traced(value: Any, kind: str, expected: Any, piece: str, where: str) -> None:
+    """A guard in a traced piece: Python decided ``kind`` (bool/len) of ``value`` as ``expected`` when tracing."""
+    got = bool(value) if kind == "bool" else len(value)
+    if got != expected:
+        raise ValueError(f"moefx: {piece or '<model>'} was converted by tracing a call on which {where} gave "
+                         f"{kind}() = {expected!r}; this call gives {got!r}, a branch the converted graph does "
+                         "not hold. Call it the way the calibration batch did (same shapes where the model "
+                         "branches on them), or convert with a calibration batch shaped like this call")
+
+
+fx.node._side_effectful_functions.add(check_traced)  # guards have no users: keep them through dead-code removal
+
+
 def _value(a: Any) -> Any:
     return fx.node.map_aggregate(a, lambda v: v.value if isinstance(v, (ConcreteProxy, _ConcreteAttribute)) else v)
 
@@ -109,6 +165,14 @@ class ConcreteTracer(fx.Tracer):
         super().__init__(autowrap_modules=(), param_shapes_constant=True)
         self.leaves = leaves
         self.inputs = inputs
+        self.guards: list[tuple[fx.Node, str, Any, str]] = []
+
+    def decided(self, proxy: "ConcreteProxy", kind: str, value: Any) -> Any:
+        """Python decides ``kind`` of ``proxy`` as ``value``: a guard if that depends on the call's inputs."""
+        node = proxy.node if isinstance(proxy, ConcreteProxy) else proxy.root.node
+        if _reads_inputs(node):
+            self.guards.append((proxy.node, kind, value, _source_line()))
+        return value
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return m in self.leaves or next(m.children(), None) is None
@@ -117,7 +181,8 @@ class ConcreteTracer(fx.Tracer):
         if kind == "placeholder":
             value = self.inputs[target]
         elif kind == "get_attr":
-            value = operator.attrgetter(target)(self.root)
+            with _unpatched_modules():  # fx's patched getattr would create this proxy again, forever
+                value = operator.attrgetter(target)(self.root)
         elif kind == "call_function":
             value = target(*_value(args), **_value(kwargs))
         elif kind == "call_method":
@@ -152,10 +217,12 @@ class CallSpec:
     num_inputs: int = 0
     router_input: bool = False
 
+    paths: list[str] = field(default_factory=list)  # each leaf's argument, as the caller writes it
+
     @classmethod
     def of(cls, args: tuple, kwargs: dict, piece: str) -> "CallSpec":
         leaves, tree = pytree.tree_flatten((args, kwargs))
-        spec = cls(tree, piece)
+        spec = cls(tree, piece, paths=_argument_paths(args, kwargs))
         for i, leaf in enumerate(leaves):
             if isinstance(leaf, _CONSTANT_TYPES):
                 spec.constants[i] = leaf
@@ -164,7 +231,8 @@ class CallSpec:
         return spec
 
     def inputs(self, args: tuple, kwargs: dict) -> tuple:
-        """The graph inputs of a call with ``args`` and ``kwargs``."""
+        """The graph inputs of a call with ``args`` and ``kwargs``; a clear error, naming the argument, for a
+        call that differs from the traced one in structure or in a constant."""
         piece = self.piece or "<model>"
         if self.router_input:
             if ROUTER_INPUT not in kwargs:
@@ -175,20 +243,50 @@ class CallSpec:
         else:
             extra = ()
         leaves, tree = pytree.tree_flatten((args, kwargs))
+        fix = ("moefx converted it by tracing one call (it spans modules, so no module could be swapped): call it "
+               "as the calibration batch did, or convert with a calibration batch that calls it this way")
         if tree != self.tree:
-            raise TypeError(f"moefx: {piece} is called with arguments of another structure than on the calibration "
-                            f"batch it was traced with ({tree} vs {self.tree}); convert with calibration batches "
-                            "shaped like your real inputs")
+            now = _argument_paths(args, kwargs)
+            extra_args = [p for p in now if p not in self.paths]
+            missing = [p for p in self.paths if p not in now]
+            what = (f"with {', '.join(extra_args)}, not passed when it was traced" if extra_args else
+                    f"without {', '.join(missing)}, passed when it was traced" if missing else
+                    f"with arguments nested otherwise than when traced ({', '.join(now)})")
+            raise TypeError(f"moefx: {piece} is called {what}; {fix}")
         inputs = []
         for i, leaf in enumerate(leaves):
             if i in self.constants:
-                if leaf != self.constants[i]:
-                    raise ValueError(f"moefx: {piece} was traced with argument #{i} = {self.constants[i]!r} and is now "
-                                     f"called with {leaf!r}; convert with calibration batches that call the model "
-                                     "the way you will")
+                if not _same_constant(leaf, self.constants[i]):
+                    raise ValueError(f"moefx: {piece} was traced with {self.paths[i]}={_describe(self.constants[i])} "
+                                     f"and is now called with {self.paths[i]}={_describe(leaf)}; {fix}")
+            elif isinstance(leaf, _CONSTANT_TYPES):
+                raise ValueError(f"moefx: {piece} was traced with {self.paths[i]}=<a {type(leaves[i]).__name__} "
+                                 f"input> and is now called with {self.paths[i]}={_describe(leaf)}; {fix}")
             else:
                 inputs.append(leaf)
         return (*inputs, *extra)
+
+
+def _same_constant(a: Any, b: Any) -> bool:
+    return type(a) is type(b) and a == b
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"<a {tuple(value.shape)} tensor>"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _argument_paths(args: tuple, kwargs: dict) -> list[str]:
+    """Each pytree leaf of a call's (args, kwargs) named as the caller writes it: ``args[0]``, ``mask``,
+    ``past[1]``."""
+    paths = []
+    for path, _ in pytree.tree_flatten_with_path((args, kwargs))[0]:
+        head, *rest = path
+        first = (f"args[{rest[0].idx}]" if head.idx == 0 else str(rest[0].key)) if rest else "<call>"
+        paths.append(first + "".join(str(k) for k in rest[1:]))
+    return paths
 
 
 def graph_inputs(spec: CallSpec, args: tuple, kwargs: dict) -> tuple:
@@ -196,14 +294,29 @@ def graph_inputs(spec: CallSpec, args: tuple, kwargs: dict) -> tuple:
     return spec.inputs(args, kwargs)
 
 
-def trace_piece(module: nn.Module, call: RecordedCall, leaves: set[nn.Module], piece: str) -> Optional[fx.GraphModule]:
-    """Trace ``module`` as it was called in ``call``; None if it does not trace or does not reproduce the output.
+class PieceTracer(fx.Tracer):
+    """The tracer that rebuilds a traced piece's graph from its code when it is unpickled: the call
+    unpacking and the guards stay calls (torch.save of a converted model)."""
+
+    def __init__(self):
+        super().__init__(autowrap_functions=(graph_inputs, check_traced))
+
+
+class NotTraced(Exception):
+    """A module that the concrete tracer cannot turn into a graph reproducing its call; says why."""
+
+
+def trace_piece(module: nn.Module, call: RecordedCall, leaves: set[nn.Module], piece: str) -> fx.GraphModule:
+    """Trace ``module`` as it was called in ``call``; raises ``NotTraced`` if it does not trace or does not
+    reproduce the recorded output.
 
     The graph takes the module's own ``(*args, **kwargs)``; its first node unpacks them into the traced
     inputs (``graph_inputs`` with the piece's ``CallSpec``, the attribute ``moefx_call``), so the piece is
-    a plain GraphModule that deep-copies and pickles with everything it needs."""
-    spec = CallSpec.of(call.args, call.kwargs, piece)
-    leaves_values = pytree.tree_leaves((call.args, call.kwargs))
+    a plain GraphModule that deep-copies and pickles with everything it needs. Python decisions on the
+    inputs' values stay in it as guards (``check_traced``)."""
+    call_args, call_kwargs = call.fresh()
+    spec = CallSpec.of(call_args, call_kwargs, piece)
+    leaves_values = pytree.tree_leaves((call_args, call_kwargs))
     names = [f"input_{i}" for i in range(spec.num_inputs)]
     values = [v for i, v in enumerate(leaves_values) if i not in spec.constants]
     tracer = ConcreteTracer(leaves, dict(zip(names, values)))
@@ -225,7 +338,8 @@ def trace_piece(module: nn.Module, call: RecordedCall, leaves: set[nn.Module], p
             graph = tracer.trace(flat)
     except Exception as error:  # any Python the tracer cannot follow makes the module a leaf
         log.debug("moefx: %s does not trace (%s: %s)", piece or "<model>", type(error).__name__, error)
-        return None
+        raise NotTraced(f"does not trace ({type(error).__name__}: {_first_line(error)})") from None
+    _insert_guards(graph, tracer.guards, piece)
     owners = {}
     for node in graph.nodes:
         if node.op in ("call_module", "get_attr"):
@@ -233,12 +347,55 @@ def trace_piece(module: nn.Module, call: RecordedCall, leaves: set[nn.Module], p
             node.target = node.target.removeprefix("piece.")
     owners[CALL_SPEC] = spec
     _take_call_arguments(graph)
+    graph._tracer_cls = PieceTracer
     gm = fx.GraphModule(owners, graph, class_name=type(module).__name__)
     gm.graph.eliminate_dead_code()  # values read only to steer Python control flow while tracing
     gm.recompile()
-    if not reproduces(gm, call, piece):
-        return None
+    why = mismatch(gm, call, piece)
+    if why:
+        raise NotTraced(why)
     return gm
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip().splitlines()
+    return (text[0][:150] if text else "")
+
+
+_METADATA = ("device", "dtype", "is_cuda", "is_meta", "layout")  # an input's device or dtype: no guard on them
+
+
+def _reads_inputs(node: fx.Node) -> bool:
+    """Whether ``node``'s value depends on a placeholder (not only on parameters, constants, or the inputs'
+    device and dtype, which a converted model is not expected to change between calls)."""
+    stack, seen = [node], set()
+    while stack:
+        n = stack.pop()
+        if n.op == "placeholder":
+            return True
+        if n in seen or (n.op == "call_function" and n.target is getattr and n.args[1] in _METADATA):
+            continue
+        seen.add(n)
+        stack.extend(n.all_input_nodes)
+    return False
+
+
+def guard_only(node: fx.Node) -> bool:
+    """Whether ``node`` is a guard or computes only what guards read."""
+    if node.op == "call_function" and node.target is check_traced:
+        return True
+    return bool(node.users) and node.op in ("call_function", "call_method") and all(map(guard_only, node.users))
+
+
+def _insert_guards(graph: fx.Graph, guards: list, piece: str) -> None:
+    """A ``check_traced`` node after each value whose truth or length Python read while tracing."""
+    done = set()
+    for node, kind, value, where in guards:
+        if (node, kind) in done or node.graph is not graph:
+            continue
+        done.add((node, kind))
+        with graph.inserting_after(node):
+            graph.call_function(check_traced, (node, kind, value, piece, where))
 
 
 def _take_call_arguments(graph: fx.Graph) -> None:
@@ -277,25 +434,27 @@ def _leaf_expr(i: int, spec: CallSpec, names: list[str]) -> str:
     return names[position]
 
 
-def reproduces(gm: nn.Module, call: RecordedCall, piece: str) -> bool:
-    """Whether ``gm`` gives the recorded output on the recorded inputs (bitwise up to 1e-6 relative)."""
+def mismatch(gm: nn.Module, call: RecordedCall, piece: str) -> Optional[str]:
+    """Why ``gm`` does not give the recorded output on (a fresh copy of) the recorded inputs, bitwise up to
+    1e-6 relative; None when it does."""
+    args, kwargs = call.fresh()
     try:
         with torch.no_grad():
-            out = gm(*call.args, **call.kwargs)
+            out = gm(*args, **kwargs)
     except Exception as error:
         log.debug("moefx: traced %s fails on its own inputs (%s)", piece or "<model>", error)
-        return False
+        return f"its traced graph fails on the call it was traced on ({type(error).__name__}: {_first_line(error)})"
     got, want = pytree.tree_leaves(out), pytree.tree_leaves(call.output)
     if len(got) != len(want):
-        return False
+        return "its traced graph returns another structure than the module"
     for a, b in zip(got, want):
         if isinstance(b, torch.Tensor):
             if not isinstance(a, torch.Tensor) or a.shape != b.shape:
-                return False
+                return "its traced graph returns other shapes than the module"
             if not torch.allclose(a.float(), b.float(), rtol=1e-5, atol=1e-6 * max(1.0, b.float().abs().max().item())):
                 log.debug("moefx: traced %s differs from the module on its own inputs", piece or "<model>")
-                return False
-    return True
+                return "its traced graph computes other values than the module (random or stateful Python)"
+    return None
 
 
 def within(name: str, scope: str) -> bool:

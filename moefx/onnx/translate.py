@@ -184,6 +184,11 @@ def _activation(a, name: str):
         return op.Relu(a)
     if name == "silu":
         return op.Mul(a, op.Sigmoid(a))
+    if name == "quick_gelu":
+        return op.Mul(a, op.Sigmoid(op.Mul(a, 1.702)))
+    if name == "relu2":
+        relu = op.Relu(a)
+        return op.Mul(relu, relu)
     if name == "gelu":  # in the form onnxruntime's GeluFusion turns into one Gelu node (x / sqrt 2, not x * 1/sqrt 2)
         return op.Mul(op.Mul(a, op.Add(op.Erf(op.Div(a, math.sqrt(2))), 1.0)), 0.5)
     inner = op.Mul(op.Add(a, op.Mul(op.Mul(op.Mul(a, a), a), 0.044715)), math.sqrt(2 / math.pi))

@@ -5,7 +5,7 @@ import triton.language as tl
 
 @triton.jit
 def activate(a, ACTIVATION: tl.constexpr):
-    """relu | gelu | gelu_tanh | silu of an fp32 tile, as ``moefx.op.ACTIVATIONS``."""
+    """relu | gelu | gelu_tanh | silu | quick_gelu | relu2 of an fp32 tile, as ``moefx.op.ACTIVATIONS``."""
     if ACTIVATION == "relu":
         return tl.maximum(a, 0.0)
     elif ACTIVATION == "gelu":
@@ -14,6 +14,11 @@ def activate(a, ACTIVATION: tl.constexpr):
         # tanh(u) = 2 sigmoid(2u) - 1: exp overflows to inf for very negative u, giving the right limit -1.
         u = 0.7978845608028654 * (a + 0.044715 * a * a * a)
         return 0.5 * a * (1.0 + (2.0 / (1.0 + tl.exp(-2.0 * u)) - 1.0))
+    elif ACTIVATION == "quick_gelu":
+        return a / (1.0 + tl.exp(-1.702 * a))
+    elif ACTIVATION == "relu2":
+        r = tl.maximum(a, 0.0)
+        return r * r
     else:
         return a / (1.0 + tl.exp(-a))
 
@@ -76,31 +81,47 @@ def select_experts(logits, col_ok, top_p, gate_scale, NUM_CHOICES: tl.constexpr,
         probs = probs / tl.sum(probs, axis=1)[:, None]
     if SCORING == "softmax":
         scores = tl.where(col_ok[None, :], probs, float("-inf"))
-    elif SCORING == "sigmoid":
-        scores = tl.where(col_ok[None, :], 1.0 / (1.0 + tl.exp(-logits)), float("-inf"))
-    else:
+    else:  # sigmoid and unit choose by logit (sigmoid scores underflow to equal zeros where logits still rank)
         scores = logits
+    # a NaN score (NaN logits; inf ones under softmax) makes the token's gates NaN, as in the reference;
+    # it is picked first (torch.topk's order), so that every id stays in range
+    nan_row = tl.max(tl.where(col_ok[None, :] & (scores != scores), 1, 0), axis=1) > 0
+    scores = tl.where(scores != scores, float("inf"), scores)
 
     kcols = tl.arange(0, BLOCK_K)
     ids = tl.zeros([logits.shape[0], BLOCK_K], tl.int32)
     gates = tl.zeros([logits.shape[0], BLOCK_K], tl.float32)
+    log_gates = tl.full([logits.shape[0], BLOCK_K], float("-inf"), tl.float32)
     mass_before = tl.zeros([logits.shape[0]], tl.float32)
+    free = col_ok[None, :] & (cols[None, :] >= 0)
     for k in range(TOP_K):
-        best = tl.max(scores, axis=1)
-        idx = tl.min(tl.where(scores == best[:, None], cols[None, :], logits.shape[1]), axis=1)
+        best = tl.max(tl.where(free, scores, float("-inf")), axis=1)
+        idx = tl.min(tl.where(free & (scores == best[:, None]), cols[None, :], logits.shape[1]), axis=1)
         hit = cols[None, :] == idx[:, None]
-        scores = tl.where(hit, float("-inf"), scores)
+        free = free & ~hit
         if SCORING == "unit":
             gate = tl.full([logits.shape[0]], 1.0, tl.float32)
+        elif SCORING == "sigmoid":
+            gate = 1.0 / (1.0 + tl.exp(-best))
         else:
             gate = best
+        keep = tl.full([logits.shape[0]], 1, tl.int1)
         if DYNAMIC_K:
             keep = (k < MIN_K) | (mass_before < top_p)
             mass_before += tl.sum(tl.where(hit, probs, 0.0), axis=1)
             gate = tl.where(keep, gate, 0.0)
             idx = tl.where(keep, idx, NUM_CHOICES)
+        if SCORING == "sigmoid" and RENORMALIZE:
+            chosen = tl.sum(tl.where(hit, logits, 0.0), axis=1)
+            log_sigmoid = tl.minimum(chosen, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(chosen)))
+            log_gates = tl.where((kcols[None, :] == k) & keep[:, None], log_sigmoid[:, None], log_gates)
         ids = tl.where(kcols[None, :] == k, idx[:, None], ids)
         gates = tl.where(kcols[None, :] == k, gate[:, None], gates)
-    if RENORMALIZE:
+    if SCORING == "sigmoid" and RENORMALIZE:
+        # sigmoid(l) underflows to 0 for very negative fp32 logits: renormalise in log space, as the reference
+        weights = tl.exp(log_gates - tl.max(log_gates, axis=1)[:, None])
+        gates = weights / tl.sum(weights, axis=1)[:, None]
+    elif RENORMALIZE:
         gates = gates / tl.sum(gates, axis=1)[:, None]
+    gates = tl.where(nan_row[:, None], float("nan"), gates)
     return ids, gates * gate_scale
