@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import sys
+import typing
 
 
 # short forms of recipe options (the and llm-compressor's spelling)
@@ -33,14 +34,16 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
                         "transformers MoE layout (AutoModelForCausalLM.from_pretrained)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     options = parser.add_argument_group("recipe options (moefx.Recipe; default: the recipe file, else Recipe's)")
+    hints = typing.get_type_hints(Recipe)
     for f in dataclasses.fields(Recipe):
         flags = ["--" + f.name.replace("_", "-"), *ALIASES.get(f.name, [])]
         text = f.metadata["help"].replace("%", "%%") + f" (Recipe default: {f.default})"
-        if f.type == "bool":
+        kind = next((a for a in typing.get_args(hints[f.name]) if a is not type(None)), hints[f.name])  # Optional[X]
+        if kind is bool:
             options.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
-            kind = {"int": int, "float": float}.get(f.type, str)
-            options.add_argument(*flags, dest=f.name, type=kind, default=None, help=text)
+            options.add_argument(*flags, dest=f.name, type=kind if kind in (int, float) else str, default=None,
+                                 help=text)
     return parser
 
 

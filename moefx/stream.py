@@ -553,9 +553,10 @@ class Streamer:
             raise ValueError(f"moefx: layout={self.layout!r} writes a {class_name}, whose attention matches "
                              f"{' / '.join(sources)}; this model is a {type(self.model).__name__}: use layout='moefx'")
         layers = [m for m in converted.modules() if type(m).__name__ == "MoELayer"]
-        shape = _moe_shape(layers, self.layout, class_name)
+        shape = _moe_shape(layers, self.layout, class_name, type(self.model).__name__, self.recipe)
         if self.target is None:
-            config = _target_config(self.source.config, getattr(transformers, config_name), self.layout, shape)
+            config = _target_config(self.source.config, getattr(transformers, config_name), self.layout, shape,
+                                    class_name, type(self.model).__name__)
             with torch.device("meta"):
                 self.target = getattr(transformers, class_name)(config)
             self.target_shape = shape
