@@ -191,9 +191,10 @@ def main() -> None:
                    dict(router="least_squares", refit=True, num_shared=s, importance="taylor"))
                   for s in range(1, top_k // 2 + 1)]
         free = dict(router="least_squares", refit=True)
-        gated = [(f"least-squares+refit, {label}", top_k, dict(free, biases=False, **options)) for label, options in (
+        gated = [(f"least-squares+refit, {label}", top_k, {**free, "biases": False, **options}) for label, options in (
             ("unit gates, no biases", {}),
             ("softmax top-k renormalised, no biases (Mixtral, Qwen3-MoE)", dict(gating="softmax", renormalize=True)),
+            ("softmax top-k renormalised, with biases", dict(gating="softmax", renormalize=True, biases=True)),
             ("softmax, no biases (Qwen2-MoE)", dict(gating="softmax")),
             ("sigmoid, no biases", dict(gating="sigmoid")))]
         rest = [*shared, ("distilled+refit", top_k, dict(router="distilled", refit=True)),
