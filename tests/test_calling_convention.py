@@ -131,14 +131,10 @@ def test_tied_and_shared_weights_survive_conversion():
 
     model = Tied().eval()
     ids = torch.randint(0, 32, (2, 5))
-    moe = moefx.convert(model, num_experts=4, top_k=4, calibration=[ids], progress=False, inplace=True)
-    assert moe.embed.weight.shape == (32, 8)  # the embedding keeps the tied weight
-    assert moe.a["mlp"] is moe.b["mlp"] and isinstance(moe.a["mlp"], MoEFFN)
-    reference = Tied().eval()
-    reference.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith(("ffn", "shared",
-                                                                                                 "a.", "b."))},
-                              strict=False)
-    assert torch.isfinite(moe(ids)).all()
+    moe = moefx.convert(model, num_experts=4, top_k=4, calibration=[ids], progress=False)
+    assert moe.embed.weight.shape == (32, 8)  # the embedding keeps the weight tied to the converted FFN
+    assert moe.a["mlp"] is moe.b["mlp"] and isinstance(moe.a["mlp"], MoEFFN)  # converted once, still shared
+    assert relative_error(moe(ids), model(ids)) <= 1e-5
 
 
 def test_converted_models_pickle():

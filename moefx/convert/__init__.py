@@ -37,7 +37,8 @@ def convert(
     keywords (``help(moefx.Recipe)`` documents every one; ``Recipe.help()`` lists them).
 
     Args:
-        calibration: model inputs (dict of kwargs, tuple of args, or a tensor). At least one is
+        calibration: a list of model inputs (dict of kwargs, tuple of args, or a tensor); one batch
+            alone is ``[batch]``. They are copied (a model may add keys to its input dict). At least one is
             needed to trace the model; statistics, fitted routers, refit and distillation use all.
             Router, compensation and refit run layer after layer on the inputs each layer gets
             from the already converted layers before it; padding tokens (attention_mask 0) of
@@ -47,7 +48,10 @@ def convert(
 
     With ``top_k == num_experts - num_shared`` the converted model computes what ``model`` does
     (zero-computation experts stay switched off there: the router has nothing to choose).
-    Use the returned module: when the whole model is one traced piece it is a new GraphModule.
+    FFN modules are swapped for MoE layers, so the model's own forward (masks, caches, ``generate``)
+    runs as before; an FFN no swap can reach stays in a traced graph of its parent that refuses, by
+    name, calls unlike the calibration call. Use the returned module: when the whole model is one
+    FFN or one traced piece, it is a new module.
     It carries ``moefx_report`` (what was converted, and by name what was not and why) and
     ``moefx_recipe``.
     """

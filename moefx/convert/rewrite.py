@@ -101,7 +101,7 @@ def as_module_swap(gm: fx.GraphModule) -> Optional[MoEFFN]:
 class SpanSwap:
     """A plain FFN whose modules sit in different parents (BERT's intermediate/output, OPT's fc1/fc2 inline
     in the decoder layer): its input Linear becomes an ``MoEFFN`` computing the whole FFN, and the
-    activation module and output Linear become ``nn.Identity``, so every parent keeps its own forward."""
+    activation module and output Linear become ``PassThrough``s, so every parent keeps its own forward."""
 
     entry: str            # model path of the input Linear
     bypassed: list[str]   # model paths of the activation module, dropout modules between, the output Linear

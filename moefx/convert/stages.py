@@ -15,7 +15,6 @@ from typing import Any, Callable, Optional
 import torch
 import torch.fx as fx
 from torch import Tensor, nn
-from torch.utils import _pytree as pytree
 from tqdm.auto import tqdm
 
 from moefx.convert import pregate
@@ -33,7 +32,7 @@ from moefx.fit.validate import Fit, held_out_split
 from moefx.layer import MoELayer
 from moefx.op import ACTIVATIONS
 from moefx.recipe import Recipe
-from moefx.runtime import call_model, run_batch
+from moefx.runtime import call_model, output_tensor, run_batch
 
 log = logging.getLogger("moefx")
 
@@ -159,12 +158,14 @@ def trace_and_find(c: Conversion) -> None:
 
 
 def _check_finite(output: Any) -> None:
-    leaves = output.to_tuple() if hasattr(output, "to_tuple") else output
-    for leaf in pytree.tree_leaves(leaves):
-        if isinstance(leaf, Tensor) and leaf.is_floating_point() and not torch.isfinite(leaf).all():
-            raise ValueError("moefx.convert: the model's output on calibration batch 0 holds NaN or inf, so no traced "
-                             "module can be checked against it; check the batch (and run the model in fp32) before "
-                             "converting")
+    try:
+        main = output_tensor(output)
+    except ValueError:  # no floating-point output: nothing to check
+        return
+    if not torch.isfinite(main).all():
+        raise ValueError("moefx.convert: the model's output on calibration batch 0 holds NaN or inf, so no traced "
+                         "module can be checked against it; check the batch (and run the model in fp32) before "
+                         "converting")
 
 
 def report_untraced_ffns(c: Conversion, seen: set[str]) -> None:

@@ -169,8 +169,7 @@ class ConcreteTracer(fx.Tracer):
 
     def decided(self, proxy: "ConcreteProxy", kind: str, value: Any) -> Any:
         """Python decides ``kind`` of ``proxy`` as ``value``: a guard if that depends on the call's inputs."""
-        node = proxy.node if isinstance(proxy, ConcreteProxy) else proxy.root.node
-        if _reads_inputs(node):
+        if _reads_inputs(proxy.node):
             self.guards.append((proxy.node, kind, value, _source_line()))
         return value
 
