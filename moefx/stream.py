@@ -110,17 +110,27 @@ def convert_pretrained(src: str, dst: str, recipe: Optional[Recipe] = None, *,
         else:
             result = Streamer(source, model, stack, recipe, ids, out_dtype, layout, partial, settings, progress).run()
     except OSError as error:
+        _discard_if_nothing_written(partial)
         if error.errno != errno.ENOSPC:
             raise
         raise ValueError(f"moefx: the disk holding {partial} is full; free space (the output takes about the "
                          f"source's size at the same dtype) and run the same command again: it resumes after the "
                          "last block written") from error
+    except BaseException:
+        _discard_if_nothing_written(partial)
+        raise
     if os.path.isdir(dst):
         os.rmdir(dst)  # empty: checked above
     os.replace(partial, dst)
     result.path, result.seconds = dst, time.perf_counter() - start
     result.calibration_tokens = sum(b.numel() for b in ids)
     return result
+
+
+def _discard_if_nothing_written(partial: str) -> None:
+    """A failed run that finished no block leaves nothing behind; one that did keeps its blocks to resume."""
+    if os.path.isdir(partial) and not os.path.exists(os.path.join(partial, PROGRESS)):
+        shutil.rmtree(partial)
 
 
 class Source:
@@ -480,13 +490,14 @@ class Streamer:
         self.load_shell()
         hidden_key, hidden, calls = self.record_calls()
         with tqdm(total=len(self.blocks), desc="moefx convert", unit="block", disable=not self.progress) as bar:
-            for i, block in enumerate(self.blocks):
-                name = f"{self.stack_name}.{i}"
+            for i in range(len(self.blocks)):
+                name, block = f"{self.stack_name}.{i}", self.blocks[i]
                 bar.set_postfix_str(name)
                 self._materialise(block, name)
                 batches = [{hidden_key: h, **c[i]} for h, c in zip(hidden, calls)]
                 converted = self._reload(block, batches[0], i) if i < done else self._convert_block(block, batches, i)
-                hidden = [_hidden(call_model(converted, b)) for b in batches]
+                with torch.no_grad():  # an autograd graph would keep every block alive through the activations
+                    hidden = [_hidden(call_model(converted, b)) for b in batches]
                 self.stack[i] = self.blocks[i] = None
                 del block, converted, batches
                 gc.collect()
@@ -592,8 +603,7 @@ class Streamer:
     def _resume(self) -> int:
         file = os.path.join(self.partial, PROGRESS)
         if not os.path.exists(file):
-            if os.path.isdir(self.partial) and os.listdir(self.partial):
-                raise ValueError(f"moefx: {self.partial} holds files of an unknown run; remove it and convert again")
+            _discard_if_nothing_written(self.partial)  # a run killed inside its first block
             return 0
         with open(file) as f:
             state = json.load(f)

@@ -281,4 +281,4 @@ def test_bad_input_is_refused_by_name_and_leaves_no_checkpoint(llama, tmp_path, 
     assert main(["convert", src, str(tmp_path / "e"), "--experts", "5", "--top-k", "2", "--quiet",
                  "--calibration-tokens", str(TOKENS)]) == 2
     assert "pick num_experts from" in capsys.readouterr().err
-    assert not os.path.exists(tmp_path / "e")
+    assert not os.path.exists(tmp_path / "e") and not os.path.exists(tmp_path / "e.moefx-partial")
