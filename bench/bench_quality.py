@@ -115,7 +115,7 @@ CROSS_RECIPES = {
 
 
 def cross_domain(calibration_count: int, eval_count: int, experts: list[int], actives: list[float],
-                 recipes: list[str]) -> None:
+                 recipes: list[str], sources: list[str]) -> None:
     """Every recipe calibrated on each corpus and scored on held-out sentences of both."""
     model, tokenizer = load_minilm()
     evaluation, calibration, dense = {}, {}, {}
@@ -130,7 +130,7 @@ def cross_domain(calibration_count: int, eval_count: int, experts: list[int], ac
     for active in actives:
         for num_experts in experts:
             for recipe in recipes:
-                for source in CORPORA:
+                for source in sources:
                     start = time.perf_counter()
                     moe = moefx.convert(model, num_experts, None, calibration[source], active=active,
                                         progress=False, **CROSS_RECIPES[recipe])
@@ -151,6 +151,8 @@ def main() -> None:
     parser.add_argument("--experts", type=int, nargs="+", default=[8, 32, 64], help="--cross-domain expert counts")
     parser.add_argument("--active", type=float, nargs="+", default=[0.25, 0.5], help="--cross-domain active shares")
     parser.add_argument("--recipes", nargs="+", default=list(CROSS_RECIPES), choices=list(CROSS_RECIPES))
+    parser.add_argument("--calibrate-on", nargs="+", default=list(CORPORA), choices=list(CORPORA),
+                        help="--cross-domain: the corpora to calibrate on (every row is scored on both)")
     parser.add_argument("--calibration", type=int, default=1400, help="calibration sentences")
     parser.add_argument("--eval", type=int, default=300, help="held-out evaluation sentences")
     parser.add_argument("--top-k", type=int, nargs="+", default=[2, 4], help="routed experts of 8 (2: 25%%, 4: 50%%)")
@@ -162,7 +164,7 @@ def main() -> None:
     torch.manual_seed(0)
     if args.cross_domain:
         calibration, held_out = (300, 100) if args.quick else (min(args.calibration, 1000), args.eval)
-        cross_domain(calibration, held_out, args.experts, args.active, args.recipes)
+        cross_domain(calibration, held_out, args.experts, args.active, args.recipes, args.calibrate_on)
         return
     model, tokenizer = load_minilm()
     evaluation = tokenize(tokenizer, python_doc_sentences(args.eval), 50)
