@@ -102,6 +102,8 @@ ACTIVATIONS_IN_PLACE = {
     "gelu": lambda a: torch.ops.aten.gelu_(a),
     "gelu_tanh": lambda a: torch.ops.aten.gelu_(a, approximate="tanh"),
     "silu": lambda a: F.silu(a, inplace=True),
+    "relu2": lambda a: F.relu(a, inplace=True).square_(),
+    "quick_gelu": lambda a: a.mul_(torch.sigmoid(1.702 * a)),
 }
 
 

@@ -348,9 +348,6 @@ def test_product_with_an_unprojected_tensor_is_not_a_gated_ffn():
 
 # ---------------------------------------------------------------- known wrong answers (library bugs)
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="moefx/convert/find.py elementwise_kind probes only [-8, 8]: a relu capped above 8 is taken "
-                          "for relu, and the converted FFN drops the cap")
 def test_relu_capped_above_the_probe_range_is_not_taken_for_relu():
     class Capped(nn.Module):
         def __init__(self):

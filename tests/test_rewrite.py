@@ -275,9 +275,6 @@ def test_piece_traced_concretely_keeps_its_call_convention_after_the_rewrite():
 
 # ---------------------------------------------------------------- known wrong answers (library bugs)
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="moefx/convert/find.py elementwise_kind: squeeze(0) is a no-op on the 1-D probe, so it is "
-                          "swallowed into the FFN as an identity step and the rewritten graph loses the squeeze")
 def test_rewrite_keeps_a_squeeze_between_ffn_steps():
     class Squeezing(nn.Module):
         def __init__(self):

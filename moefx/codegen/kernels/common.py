@@ -93,12 +93,13 @@ def select_experts(logits, col_ok, top_p, gate_scale, NUM_CHOICES: tl.constexpr,
     gates = tl.zeros([logits.shape[0], BLOCK_K], tl.float32)
     log_gates = tl.full([logits.shape[0], BLOCK_K], float("-inf"), tl.float32)
     mass_before = tl.zeros([logits.shape[0]], tl.float32)
-    free = col_ok[None, :] & (cols[None, :] >= 0)
     for k in range(TOP_K):
-        best = tl.max(tl.where(free, scores, float("-inf")), axis=1)
-        idx = tl.min(tl.where(free & (scores == best[:, None]), cols[None, :], logits.shape[1]), axis=1)
+        best = tl.max(scores, axis=1)
+        # ids stay in range even for a row whose scores are all -inf (no tile of picked columns: registers)
+        idx = tl.minimum(tl.min(tl.where(scores == best[:, None], cols[None, :], logits.shape[1]), axis=1),
+                         NUM_CHOICES - 1)
         hit = cols[None, :] == idx[:, None]
-        free = free & ~hit
+        scores = tl.where(hit, float("-inf"), scores)
         if SCORING == "unit":
             gate = tl.full([logits.shape[0]], 1.0, tl.float32)
         elif SCORING == "sigmoid":
