@@ -41,7 +41,7 @@ from moefx.convert.rewrite import MoEFFN
 from moefx.layer import MoELayer
 from moefx.recipe import Recipe
 from moefx.runtime import call_model
-from moefx.shards import INDEX, shard_files
+from moefx.shards import INDEX, MOEFX_INDEX, MOEFX_PREFIX, shard_files
 
 WEIGHTS, RECIPE, EXAMPLE = "moefx_model.safetensors", "moefx.json", "moefx_example.safetensors"
 LEGACY_WEIGHTS = "model.safetensors"  # moefx-layout checkpoints written before the weights were renamed
@@ -93,8 +93,8 @@ def _write_moefx_layout(moe: nn.Module, path: str, recipe: Recipe, example: Any)
 
 
 # files a save writes that a later save into the same directory must not leave behind
-_CHECKPOINT_FILES = (WEIGHTS, LEGACY_WEIGHTS, RECIPE, EXAMPLE, "config.json", "generation_config.json",
-                     "model.safetensors.index.json")
+_CHECKPOINT_FILES = (WEIGHTS, LEGACY_WEIGHTS, RECIPE, EXAMPLE, "config.json", "generation_config.json", INDEX,
+                     MOEFX_INDEX)
 
 
 def _write_atomically(path: str, write, check=None) -> None:
@@ -111,7 +111,8 @@ def _write_atomically(path: str, write, check=None) -> None:
         os.makedirs(path, exist_ok=True)
         written = set(os.listdir(staging))
         for name in os.listdir(path):
-            stale = name in _CHECKPOINT_FILES or (name.startswith("model-") and name.endswith(".safetensors"))
+            stale = name in _CHECKPOINT_FILES or (name.startswith(("model-", MOEFX_PREFIX + "-"))
+                                                   and name.endswith(".safetensors"))
             if stale and name not in written:
                 os.remove(os.path.join(path, name))
         for name in written:
@@ -144,7 +145,7 @@ def load_pretrained(path: str, model: Optional[nn.Module] = None) -> nn.Module:
     if built and meta.get("dtype"):
         model = model.to(getattr(torch, meta["dtype"]))  # the saved dtype, not the config's default
     moe = rebuild(model, example, Recipe.from_dict(meta["recipe"], source=os.path.join(path, RECIPE)), inplace=built)
-    if os.path.exists(os.path.join(path, INDEX)):
+    if any(os.path.exists(os.path.join(path, index)) for index in (MOEFX_INDEX, INDEX)):
         _load_shards(moe, path)
     else:
         weights = os.path.join(path, WEIGHTS)

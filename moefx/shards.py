@@ -20,6 +20,9 @@ from torch import Tensor
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
+# moefx-layout weights go under other names, so transformers cannot load them as the dense architecture
+MOEFX_PREFIX = "moefx_model"
+MOEFX_INDEX = f"{MOEFX_PREFIX}.safetensors.index.json"
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
           "BOOL": torch.bool}
@@ -169,15 +172,16 @@ def _to_bytes(tensor: Tensor) -> memoryview:
 
 
 class ShardWriter:
-    """Writes ``model-XXXXX-of-YYYYY.safetensors`` shards one at a time and the index naming them."""
+    """Writes ``<prefix>-XXXXX-of-YYYYY.safetensors`` shards one at a time and the index naming them
+    (``<prefix>.safetensors.index.json``; prefix "model" for transformers layouts, ``MOEFX_PREFIX`` for moefx's)."""
 
-    def __init__(self, path: str, total: int):
-        self.path, self.total = path, total
+    def __init__(self, path: str, total: int, prefix: str = "model"):
+        self.path, self.total, self.prefix = path, total, prefix
         self.weight_map: dict[str, str] = {}
         self.total_size = 0
 
     def name(self, number: int) -> str:
-        return f"model-{number:05d}-of-{self.total:05d}.safetensors"
+        return f"{self.prefix}-{number:05d}-of-{self.total:05d}.safetensors"
 
     def write(self, number: int, tensors: dict[str, Union[Tensor, Copied]]) -> None:
         """Write shard ``number`` (1-based) holding ``tensors``, through a temporary name so that a shard
@@ -195,7 +199,7 @@ class ShardWriter:
             self.total_size += size
 
     def finish(self) -> None:
-        with open(os.path.join(self.path, INDEX), "w") as f:
+        with open(os.path.join(self.path, f"{self.prefix}.safetensors.index.json"), "w") as f:
             json.dump({"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(self.weight_map.items()))},
                       f, indent=2)
 
@@ -234,8 +238,8 @@ def read_shard(file: str) -> dict[str, Tensor]:
 
 def shard_files(path: str) -> Iterable[str]:
     """The weight files of a checkpoint directory written by moefx: the index's shards, else ``model.safetensors``."""
-    index = os.path.join(path, INDEX)
-    if os.path.exists(index):
+    index = next((os.path.join(path, i) for i in (MOEFX_INDEX, INDEX) if os.path.exists(os.path.join(path, i))), None)
+    if index is not None:
         with open(index) as f:
             return [os.path.join(path, n) for n in sorted(set(json.load(f)["weight_map"].values()))]
     return [os.path.join(path, SINGLE)]

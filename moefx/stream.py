@@ -35,7 +35,7 @@ from moefx.convert import convert, rebuild
 from moefx.convert.stages import ConversionReport, LayerOrigin
 from moefx.recipe import Recipe
 from moefx.runtime import call_model
-from moefx.shards import Copied, ShardWriter, SourceShards, read_shard
+from moefx.shards import MOEFX_PREFIX, Copied, ShardWriter, SourceShards, read_shard
 from moefx.summary import Summary, summary
 
 log = logging.getLogger("moefx")
@@ -375,7 +375,7 @@ class Streamer:
         self.report = ConversionReport()
         self.rows = []
         self.notes: list[str] = []
-        self.writer = ShardWriter(partial, len(self.blocks) + 1)
+        self.writer = ShardWriter(partial, len(self.blocks) + 1, MOEFX_PREFIX if layout == "moefx" else "model")
         self.target = None  # the transformers MoE model (on meta) for layout="mixtral" / "qwen2_moe"
         self.wrap: Callable[[Tensor], Any] = lambda h: h  # a hidden state in the blocks' output structure
 

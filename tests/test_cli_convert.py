@@ -12,7 +12,7 @@ import torch
 
 import moefx
 from moefx.cli import main
-from moefx.shards import INDEX, SourceShards
+from moefx.shards import INDEX, MOEFX_INDEX, SourceShards
 from moefx.stream import convert_pretrained
 from tests.conftest import relative_error
 
@@ -79,7 +79,8 @@ def test_cli_at_every_expert_computes_the_dense_model_and_writes_a_sharded_moefx
     printed = capsys.readouterr().out
     assert "layer by layer (3 blocks)" in printed and "model.layers.2.mlp.down_proj -> model.layers.2.mlp.moe" in printed
     assert "3 MoE layers" in printed  # the summary
-    with open(os.path.join(dst, INDEX)) as f:
+    assert not os.path.exists(os.path.join(dst, INDEX))  # transformers cannot take it for the dense Llama
+    with open(os.path.join(dst, MOEFX_INDEX)) as f:
         assert len(set(json.load(f)["weight_map"].values())) == 4  # one shard per block + the rest
     with open(os.path.join(dst, "moefx.json")) as f:
         assert json.load(f)["recipe"] == moefx.Recipe(num_experts=4, top_k=4).to_dict()
