@@ -14,7 +14,7 @@ FIGURES = ("environment", "pytest_gpu", "kernels", "bench_moe", "bench_compile",
 
 def test_dry_run_writes_every_figure_as_json(tmp_path):
     proc = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), "--dry-run"], cwd=REPO,
-                          env={**os.environ, "OUT": str(tmp_path)}, capture_output=True, text=True, timeout=600)
+                          env={**os.environ, "OUT": str(tmp_path)}, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     figures = {name: json.loads((tmp_path / f"{name}.json").read_text()) for name in FIGURES}
     assert [s["status"] for s in figures["summary"]["steps"]] == ["ok"] * 5

@@ -160,7 +160,7 @@ def test_lookahead_ids_are_the_experts_the_op_uses(pregated_llama, monkeypatch):
         gates, ids = route(*args, **kwargs)
         used.append(ids)
         return gates, ids
-    monkeypatch.setattr(moefx.op, "route", recording_route)  # what the op's reference implementation calls
+    monkeypatch.setattr(moefx.op, "route", recording_route)  # what the op's CPU implementations call
     run_with_hooks(pregated_llama, batch, hooks)
     assert order == list(ahead) and len(used) == 2
     for name, ids in zip(order, used):
