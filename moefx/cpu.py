@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from moefx.op import MoEAttrs, MoEInputs, activate, register_implementation, route
+from moefx import op
+from moefx.op import MoEAttrs, MoEInputs, activate, register_implementation
 
 # Crossovers between the GEMM strategies, measured on one core with bench/bench_cpu.py --strategies
 # (2026-11-30, bench/RESULTS.md): "pairs" up to this many (token, choice) slots, then "grouped" while
@@ -47,7 +48,8 @@ def moe_cpu(inputs: MoEInputs, attrs: MoEAttrs, strategy: Optional[str] = None) 
     """``torch.ops.moefx.moe`` on CPU tensors (same arguments and result as ``moe_reference``);
     ``strategy`` overrides the table (benchmarks, tests)."""
     x = inputs.x
-    gates, ids = route(inputs.router_input, inputs.w_router, inputs.b_router, attrs)
+    # moefx.op.route looked up per call, so a patched route (tests) sees every call
+    gates, ids = op.route(inputs.router_input, inputs.w_router, inputs.b_router, attrs)
     strategy = strategy or strategy_for(ids.numel(), inputs.w_in.shape[0])
     if strategy == "grouped" and not _grouped_mm_fits(inputs, gates.dtype):
         strategy = "per_expert"

@@ -33,9 +33,9 @@ experts is reproduced exactly. With renormalized softmax gates and identical exp
 (upcycling), y equals one expert at any top_k.
 
 Implementations register into ``IMPLEMENTATIONS`` by name (``register_implementation``); the op
-picks one per call with ``kernel_path`` (``MOEFX_KERNELS``). ``moefx.codegen`` registers "triton", ``moefx.cpu`` "cpu";
-a provider module is imported by name the first time its path is selected, so nothing here
-imports it.
+picks one per call with ``kernel_path`` (``MOEFX_KERNELS``). ``moefx.codegen`` registers "triton",
+``moefx.cpu`` "cpu"; a provider module is imported by name the first time its path is selected, so
+nothing here imports it.
 """
 from __future__ import annotations
 

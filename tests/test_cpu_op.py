@@ -20,7 +20,7 @@ def _op_inputs(t, router_input=None):
                      t["w_in"], t["b_in"], t["w_out"], t["b_out"], t["const"])
 
 
-def _pregated(case, t, width=6, seed=1):
+def _pregated(t, width=6, seed=1):
     """A router input [T, width] other than x (Read-ME pre-gating), with a router of that width."""
     g = torch.Generator().manual_seed(seed)
     rows = t["w_router"].shape[0]
@@ -44,7 +44,7 @@ def test_every_strategy_equals_the_reference_for_every_attribute_combination(cas
 @pytest.mark.parametrize("case", [CASES[1], CASES[3]], ids=["softmax-bias", "unit-gated"])
 def test_pregated_router_input_other_than_x_equals_the_reference(case, strategy):
     t = {k: None if v is None else v.float() for k, v in _inputs(case, T=12, H=8, Fw=4).items()}
-    router_input, w_router = _pregated(case, t)
+    router_input, w_router = _pregated(t)
     inputs = _op_inputs(dict(t, w_router=w_router), router_input)
     cfg = MoEAttrs(**_config(case))
     assert relative_error(moe_cpu(inputs, cfg, strategy), moe_reference(inputs, cfg)) <= 1e-6

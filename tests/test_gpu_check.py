@@ -6,15 +6,22 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 FIGURES = ("environment", "pytest_gpu", "kernels", "bench_moe", "bench_compile", "summary")
 
 
-def test_dry_run_writes_every_figure_as_json(tmp_path):
+def test_dry_run_writes_every_figure_as_json():
+    # its own temporary folder: pytest sessions started meanwhile may prune older tmp_path folders
+    with tempfile.TemporaryDirectory() as out:
+        _check_dry_run(Path(out))
+
+
+def _check_dry_run(tmp_path: Path):
     proc = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), "--dry-run"], cwd=REPO,
-                          env={**os.environ, "OUT": str(tmp_path)}, capture_output=True, text=True, timeout=600)
+                          env={**os.environ, "OUT": str(tmp_path)}, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     figures = {name: json.loads((tmp_path / f"{name}.json").read_text()) for name in FIGURES}
     assert [s["status"] for s in figures["summary"]["steps"]] == ["ok"] * 5
