@@ -229,6 +229,17 @@ def print_table(rows, rates):
               f"{r['speedup_vs_eager_loop']:7.2f}x {r['distinct_experts']:7d} {r['rel_err_vs_grouped_mm']:8.1e}")
 
 
+def chosen_shapes(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
+    """{name: (H, F, E, top_k, gated)} from ``--shape H,F,E,top_k`` or the names in ``--shapes``."""
+    if args.shape:
+        hidden, width, experts, top_k = map(int, args.shape.split(","))
+        return {f"custom-{args.shape}": (hidden, width, experts, top_k, True)}
+    unknown = set(args.shapes.split(",")) - set(SHAPES)
+    if unknown:
+        parser.error(f"unknown shapes {sorted(unknown)}; pick from {list(SHAPES)} or pass --shape H,F,E,top_k")
+    return {name: SHAPES[name] for name in args.shapes.split(",")}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shapes", default=",".join(SHAPES), help=f"comma list of {list(SHAPES)}")
@@ -242,14 +253,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    if args.shape:
-        hidden, width, experts, top_k = map(int, args.shape.split(","))
-        shapes = {f"custom-{args.shape}": (hidden, width, experts, top_k, True)}
-    else:
-        unknown = set(args.shapes.split(",")) - set(SHAPES)
-        if unknown:
-            parser.error(f"unknown shapes {sorted(unknown)}; pick from {list(SHAPES)} or pass --shape H,F,E,top_k")
-        shapes = {name: SHAPES[name] for name in args.shapes.split(",")}
+    shapes = chosen_shapes(parser, args)
     time_ms = timer(device)
     rates = measure_rates(device, dtype, time_ms)
     rows = []

@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_moe import SHAPES, make_layer  # noqa: E402
+from bench_moe import SHAPES, chosen_shapes, make_layer  # noqa: E402
 from moefx.codegen import moe_triton  # noqa: E402
 from moefx.op import MoEAttrs, MoEInputs, moe_reference  # noqa: E402
 
@@ -47,14 +47,7 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--json", help="write the rows to this file")
     args = parser.parse_args(argv)
-    if args.shape:
-        hidden, width, experts, top_k = map(int, args.shape.split(","))
-        shapes = {f"custom-{args.shape}": (hidden, width, experts, top_k, True)}
-    else:
-        unknown = set(args.shapes.split(",")) - set(SHAPES)
-        if unknown:
-            parser.error(f"unknown shapes {sorted(unknown)}; pick from {list(SHAPES)} or pass --shape H,F,E,top_k")
-        shapes = {name: SHAPES[name] for name in args.shapes.split(",")}
+    shapes = chosen_shapes(parser, args)
     device = torch.device(args.device)
     rows = []
     for name, shape in shapes.items():
