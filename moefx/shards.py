@@ -52,13 +52,15 @@ class SourceShards:
             self.tensors.update(read_header(file))
 
     def _files(self) -> list[str]:
-        index = os.path.join(self.path, INDEX)
-        if os.path.exists(index):
+        index = next((os.path.join(self.path, i) for i in (INDEX, MOEFX_INDEX)
+                      if os.path.exists(os.path.join(self.path, i))), None)
+        if index is not None:
             with open(index) as f:
                 names = sorted(set(json.load(f)["weight_map"].values()))
             missing = [n for n in names if not os.path.exists(os.path.join(self.path, n))]
             if missing:
-                raise ValueError(f"moefx: {self.path} lists {len(missing)} shard(s) in {INDEX} that are not there "
+                raise ValueError(f"moefx: {self.path} lists {len(missing)} shard(s) in {os.path.basename(index)} that "
+                                 "are not there "
                                  f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); finish the "
                                  "download (e.g. huggingface-cli download) before converting")
             return [os.path.join(self.path, n) for n in names]
