@@ -29,7 +29,6 @@ import json
 import os
 import shutil
 import tempfile
-import warnings
 from typing import Any, Optional
 
 import torch
@@ -323,7 +322,7 @@ def _problem(layer: MoELayer, layout: str, class_name: str, recipe: Recipe) -> O
     if layout == "mixtral" and not layer.renormalize and not all_active:
         return f"has renormalize=False; {class_name} renormalises the top-k gates", "convert with renormalize=True"
     if layout == "qwen3_moe" and not layer.renormalize and not all_active:
-        return (f"has renormalize=False; llama.cpp's qwen3moe renormalises the top-k gates whatever norm_topk_prob "
+        return ("has renormalize=False; llama.cpp's qwen3moe renormalises the top-k gates whatever norm_topk_prob "
                 "says", "convert with renormalize=True")
     if layout == "qwen2_moe" and layer.renormalize and not all_active:
         fix = _carve_for(layout, recipe) if recipe.upcycle else "convert with renormalize=False"

@@ -174,7 +174,7 @@ def _to_bytes(tensor: Tensor) -> memoryview:
 
 
 class ShardWriter:
-    """Writes ``<prefix>-XXXXX-of-YYYYY.safetensors`` shards one at a time and the index naming them
+    """Writes ``<prefix>-00001-of-00004.safetensors``-style shards one at a time and the index naming them
     (``<prefix>.safetensors.index.json``; prefix "model" for transformers layouts, ``MOEFX_PREFIX`` for moefx's)."""
 
     def __init__(self, path: str, total: int, prefix: str = "model"):

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from moefx.op import ACTIVATIONS, MoEAttrs, MoEInputs, moe_op
 from tests.conftest import relative_error
