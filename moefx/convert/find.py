@@ -245,15 +245,21 @@ def _fused_branches(mul: fx.Node, gm: fx.GraphModule, linear):
     return None
 
 
+DATA_FLOW_ROWS = 256
+
+
 def data_flow_ffn(x: Tensor, sources: dict[str, Tensor]) -> Optional[str]:
     """How ``x`` (a linear layer's input) is an FFN's hidden activation of ``sources`` (other linear layers'
-    outputs on the same call): "a -> act" or "act(a) * b" or "fused a"; None when it is none of them."""
+    outputs on the same call): "a -> act" or "act(a) * b" or "fused a"; None when it is none of them.
+    Compared on the first ``DATA_FLOW_ROWS`` rows: every pair is tried with every activation."""
+    sources = {name: y.reshape(-1, y.shape[-1])[:DATA_FLOW_ROWS] for name, y in sources.items()
+               if y.shape[:-1] == x.shape[:-1]}
+    x = x.reshape(-1, x.shape[-1])[:DATA_FLOW_ROWS]
+
     def close(h: Tensor) -> bool:
         return h.shape == x.shape and torch.allclose(h.float(), x.float(), rtol=1e-4, atol=1e-5)
 
     for name, y in sources.items():
-        if y.shape[:-1] != x.shape[:-1]:
-            continue
         for act_name, act in ACTIVATIONS.items():
             if y.shape[-1] == x.shape[-1] and close(act(y)):
                 return f"{name} -> {act_name}"
