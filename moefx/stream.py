@@ -101,7 +101,7 @@ def convert_pretrained(src: str, dst: str, recipe: Optional[Recipe] = None, *,
     ids = calibration_ids(source, calibration, calibration_tokens, sequence_length)
     partial = dst.rstrip("/") + PARTIAL
     settings = dict(source=os.path.abspath(src), recipe=recipe.to_dict(), dtype=str(out_dtype), layout=layout,
-                    calibration=_fingerprint(ids))
+                    calibration=_fingerprint(ids), weights=source.shards.fingerprint())
     model = source.meta_model()
     stack = layer_stack(model)
     try:
@@ -607,6 +607,12 @@ class Streamer:
             return 0
         with open(file) as f:
             state = json.load(f)
+        old, new = state["settings"].get("weights", {}), self.settings["weights"]
+        changed = [f for f in sorted(set(old) | set(new)) if old.get(f) != new.get(f)]
+        if changed:
+            raise ValueError(f"moefx: the weights in {self.source.path} changed since the interrupted conversion in "
+                             f"{self.partial} began ({changed[0]} differs); its blocks belong to the old weights: "
+                             "remove it and convert again")
         if state.get("settings") != self.settings:
             raise ValueError(f"moefx: {self.partial} holds an interrupted conversion with other settings (source, "
                              "recipe, dtype, layout or calibration); remove it to start afresh, or rerun the same "

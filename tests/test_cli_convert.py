@@ -181,6 +181,29 @@ def test_an_interrupted_conversion_resumes_from_the_last_written_block(llama, tm
     assert relative_error(logits(moefx.load_pretrained(dst), ids), logits(moefx.load_pretrained(whole), ids)) < 1e-6
 
 
+def test_resuming_after_the_source_weights_changed_is_refused(tmp_path, monkeypatch):
+    """The old run's blocks belong to the old weights: stitching them to the new model's rest is refused."""
+    from moefx.stream import Streamer
+
+    src, dst = str(tmp_path / "src"), str(tmp_path / "moe")
+    llama_checkpoint(src)
+    options = dict(num_experts=4, top_k=2, calibration_tokens=TOKENS, sequence_length=SEQUENCE, progress=False)
+    convert_block = Streamer._convert_block
+
+    def interrupted(self, block, batches, i):
+        if i == 1:
+            raise KeyboardInterrupt
+        return convert_block(self, block, batches, i)
+
+    monkeypatch.setattr(Streamer, "_convert_block", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        convert_pretrained(src, dst, **options)
+    monkeypatch.setattr(Streamer, "_convert_block", convert_block)
+    llama_checkpoint(src, seed=1)
+    with pytest.raises(ValueError, match="weights in .* changed since the interrupted conversion"):
+        convert_pretrained(src, dst, **options)
+
+
 def test_encoder_without_tokenizer_streams_on_token_id_jsonl(tmp_path):
     """BertModel (AutoModel, each whole block becomes one traced piece), calibrated on JSONL token ids."""
     from transformers import BertConfig, BertModel
