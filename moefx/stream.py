@@ -153,7 +153,12 @@ class Source:
 
     @property
     def causal_lm(self) -> bool:
-        return bool(self.architecture and self.architecture.endswith("ForCausalLM"))
+        """Whether the config's architecture is a class ``AutoModelForCausalLM`` builds (``LlamaForCausalLM``, and
+        ``GPT2LMHeadModel`` whose name says otherwise)."""
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        names = {n for v in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() for n in ([v] if isinstance(v, str) else v)}
+        return self.architecture in names
 
     def model_class(self):
         """``AutoModelForCausalLM`` when the config's architecture is a causal LM (it keeps its head), else

@@ -306,3 +306,32 @@ def test_bad_input_is_refused_by_name_and_leaves_no_checkpoint(llama, tmp_path, 
                  "--calibration-tokens", str(TOKENS)]) == 2
     assert "pick num_experts from" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "e") and not os.path.exists(tmp_path / "e.moefx-partial")
+
+
+def zoo_checkpoint(tmp_path, name):
+    """Zoo model ``name`` saved as a checkpoint directory, and a JSONL of token-id calibration records."""
+    import warnings
+
+    from tests.test_zoo import VOCAB, ZOO
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dense = ZOO[name].build().eval()
+    src = str(tmp_path / name)
+    dense.save_pretrained(src)
+    data = tmp_path / "ids.jsonl"
+    generator = torch.Generator().manual_seed(0)
+    data.write_text("".join(json.dumps({"input_ids": torch.randint(3, VOCAB, (40,), generator=generator).tolist()})
+                            + "\n" for _ in range(8)))
+    return dense, src, str(data)
+
+
+def test_gpt2_lm_head_model_is_converted_with_its_head(tmp_path):
+    dense, src, data = zoo_checkpoint(tmp_path, "gpt2")
+    dst = str(tmp_path / "moe")
+    convert_pretrained(src, dst, num_experts=4, top_k=4, calibration=data, calibration_tokens=128,
+                       sequence_length=32, progress=False)
+    moe = moefx.load_pretrained(dst)
+    ids = torch.randint(3, 64, (1, 9), generator=torch.Generator().manual_seed(1))
+    assert type(moe).__name__ == "GPT2LMHeadModel" and relative_error(logits(moe, ids), logits(dense, ids)) < 1e-5

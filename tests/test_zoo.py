@@ -209,3 +209,16 @@ def test_zoo_converts_every_ffn_exactly_and_keeps_the_calling_convention(name):
     assert facts["rel_err"] <= 1e-5, facts
     if "generate_equal" in facts:
         assert facts["generate_equal"], facts
+
+
+@pytest.mark.parametrize("name", [n for n, e in ZOO.items() if e.kind == "causal"])
+def test_every_causal_lm_checkpoint_is_read_with_its_head(name, tmp_path):
+    """``moefx convert`` / ``moefx eval`` build SRC's class from config.architectures (GPT2LMHeadModel keeps its
+    LM head although its name does not end in ForCausalLM)."""
+    from moefx.stream import Source
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ZOO[name].build().save_pretrained(str(tmp_path))
+        source = Source(str(tmp_path))
+        assert source.causal_lm and type(source.meta_model()).__name__ == source.architecture
