@@ -335,3 +335,25 @@ def test_gpt2_lm_head_model_is_converted_with_its_head(tmp_path):
     moe = moefx.load_pretrained(dst)
     ids = torch.randint(3, 64, (1, 9), generator=torch.Generator().manual_seed(1))
     assert type(moe).__name__ == "GPT2LMHeadModel" and relative_error(logits(moe, ids), logits(dense, ids)) < 1e-5
+
+
+@pytest.mark.parametrize("name", ["phi", "cohere", "gpt2"])
+def test_streamed_eval_perplexity_applies_the_models_own_head(tmp_path, name):
+    """Phi's LM-head bias, Cohere's logit scale: the block-by-block perplexity equals the whole model's."""
+    from moefx.checkpoint_eval import evaluate_pretrained
+
+    dense, src, data = zoo_checkpoint(tmp_path, name)
+    head = dense.get_output_embeddings()
+    if head.bias is not None:
+        with torch.no_grad():
+            head.bias.normal_(0, 2, generator=torch.Generator().manual_seed(0))
+        dense.save_pretrained(src)
+    dst = str(tmp_path / "moe")
+    convert_pretrained(src, dst, num_experts=4, top_k=2, calibration=data, calibration_tokens=128,
+                       sequence_length=32, progress=False)
+    streamed = evaluate_pretrained(src, dst, data, tokens=128, sequence_length=32)
+    whole = evaluate_pretrained(src, dst, data, tokens=128, sequence_length=32, in_memory=True)
+    assert streamed.blocks is not None and whole.blocks is None
+    assert abs(streamed.dense_perplexity / whole.dense_perplexity - 1) < 1e-5
+    assert abs(streamed.moe_perplexity / whole.moe_perplexity - 1) < 1e-5
+    assert streamed.top1_agreement == whole.top1_agreement

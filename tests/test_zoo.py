@@ -106,6 +106,7 @@ ZOO = {
     "gemma": Entry(_hf("GemmaConfig", "GemmaForCausalLM", **GQA, head_dim=16), 2, "causal"),
     "phi3": Entry(_hf("Phi3Config", "Phi3ForCausalLM", **GQA), 2, "causal"),            # fused gate/up + chunk
     "phi": Entry(_hf("PhiConfig", "PhiForCausalLM", **DECODER), 2, "causal"),            # parallel attention/MLP
+    "cohere": Entry(_hf("CohereConfig", "CohereForCausalLM", **GQA, logit_scale=0.5), 2, "causal"),  # scaled logits
     "nemotron": Entry(_hf("NemotronConfig", "NemotronForCausalLM", **GQA, head_dim=16), 2, "causal"),  # relu^2
     "stablelm": Entry(_hf("StableLmConfig", "StableLmForCausalLM", **GQA), 2, "causal"),
     "starcoder2": Entry(_hf("Starcoder2Config", "Starcoder2ForCausalLM", **GQA), 2, "causal"),
