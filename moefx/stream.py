@@ -637,7 +637,7 @@ class Streamer:
     def _finish(self) -> None:
         """The tensors outside the stack (copied as they are stored, cast to the output dtype), the index,
         config, tokenizer and, for layout="moefx", the recipe with a calibration row."""
-        from moefx.checkpoint import EXAMPLE, RECIPE
+        from moefx.checkpoint import EXAMPLE, RECIPE, record_written
         from safetensors.torch import save_file
 
         inside = self.stack_name + "."
@@ -655,8 +655,6 @@ class Streamer:
         for extra in ("generation_config.json",):
             if os.path.exists(os.path.join(self.source.path, extra)):
                 shutil.copy(os.path.join(self.source.path, extra), self.partial)
-        if self.source._tokenizer is not None:
-            self.source._tokenizer.save_pretrained(self.partial)
         if self.layout == "moefx":
             example = {"input_ids": self.ids[0][:1, :64].clone()}
             save_file(example, os.path.join(self.partial, EXAMPLE))
@@ -665,6 +663,9 @@ class Streamer:
             with open(os.path.join(self.partial, RECIPE), "w") as f:
                 json.dump(meta, f, indent=2)
         os.remove(os.path.join(self.partial, PROGRESS))
+        record_written(self.partial, os.listdir(self.partial))
+        if self.source._tokenizer is not None:  # not recorded: a later moefx save keeps it
+            self.source._tokenizer.save_pretrained(self.partial)
 
 
 def _direct(module: nn.Module) -> Iterable[tuple[str, Tensor]]:
