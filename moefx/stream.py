@@ -616,7 +616,7 @@ class Streamer:
         changed = [f for f in sorted(set(old) | set(new)) if old.get(f) != new.get(f)]
         if changed:
             raise ValueError(f"moefx: the weights in {self.source.path} changed since the interrupted conversion in "
-                             f"{self.partial} began ({changed[0]} differs); its blocks belong to the old weights: "
+                             f"{self.partial} began ({changed[0]} differs in size, modification time or header); its blocks belong to the old weights: "
                              "remove it and convert again")
         if state.get("settings") != self.settings:
             raise ValueError(f"moefx: {self.partial} holds an interrupted conversion with other settings (source, "

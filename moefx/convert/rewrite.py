@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import weakref
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -141,29 +142,33 @@ def span_swap(ffn: FFN, gm: fx.GraphModule, model: nn.Module) -> Optional[SpanSw
 class SpanGuard:
     """The span swap's guard: the output Linear's ``PassThrough`` must receive the very tensor the entry
     ``MoEFFN`` returned, unchanged. Code the parent runs between the activation and the output Linear on a
-    path the calibration did not take (a mask, a scale) would otherwise act on the FFN's output."""
+    path the calibration did not take (a mask, a scale) would otherwise act on the FFN's output. The tensor
+    is held per thread (weakly), so that threads calling one model do not see each other's."""
 
     def __init__(self, entry: str, exit: str):
         self.entry, self.exit = entry, exit
-        self.output: Optional[weakref.ref] = None
-        self.version: Optional[int] = None
+        self.state = threading.local()
 
     def entered(self, y: Tensor) -> None:
         if not torch.compiler.is_compiling():
-            self.output, self.version = weakref.ref(y), None if y.is_inference() else y._version
+            self.state.output = weakref.ref(y), None if y.is_inference() else y._version
 
     def check(self, x: Tensor) -> None:
         if torch.compiler.is_compiling():
             return
-        output, self.output = self.output, None
-        if output is None or output() is not x or (self.version is not None and x._version != self.version):
+        output, version = getattr(self.state, "output", (None, None))
+        self.state.output = None, None
+        if output is None or output() is not x or (version is not None and x._version != version):
             raise ValueError(f"moefx: {self.exit} replaces the output Linear of the FFN that {self.entry} now "
                              f"computes whole, and this call ran code between {self.entry}'s activation and "
                              f"{self.exit} that did not run on the calibration batch; call the model the way the "
                              "calibration batch did, or convert with a calibration batch that takes this path")
 
     def __getstate__(self) -> dict:
-        return {"entry": self.entry, "exit": self.exit, "output": None, "version": None}
+        return {"entry": self.entry, "exit": self.exit}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["entry"], state["exit"])
 
 
 class PassThrough(nn.Module):
