@@ -616,8 +616,8 @@ class Streamer:
         changed = [f for f in sorted(set(old) | set(new)) if old.get(f) != new.get(f)]
         if changed:
             raise ValueError(f"moefx: the weights in {self.source.path} changed since the interrupted conversion in "
-                             f"{self.partial} began ({changed[0]} differs in size, modification time or header); its blocks belong to the old weights: "
-                             "remove it and convert again")
+                             f"{self.partial} began ({changed[0]} differs in size, modification time or header); "
+                             "its blocks belong to the old weights: remove it and convert again")
         if state.get("settings") != self.settings:
             raise ValueError(f"moefx: {self.partial} holds an interrupted conversion with other settings (source, "
                              "recipe, dtype, layout or calibration); remove it to start afresh, or rerun the same "

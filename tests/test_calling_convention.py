@@ -193,5 +193,5 @@ def test_code_between_a_span_swapped_ffns_activation_and_output_that_calibration
     assert isinstance(moe.fc1, MoEFFN) and isinstance(moe.fc2, PassThrough)
     x, mask = torch.randn(2, 5, 8), torch.rand(2, 5, 1)
     assert relative_error(moe(x), model(x)) <= 1e-5
-    with pytest.raises(ValueError, match=r"ran code between fc1.s activation and fc2 that did not run on the calibration batch"):
+    with pytest.raises(ValueError, match=r"ran code between fc1.s activation and fc2 that did not run on the"):
         moe(x, mask)

@@ -186,7 +186,8 @@ def report_untraced_ffns(c: Conversion, seen: set[str]) -> None:
     for out_name, (x, out) in flows.items():
         owner = hidden[out_name]
         sources = {a: flow for a, flow in flows.items() if a != out_name and hidden[a] == owner}
-        where = f"inside {owner or '<model>'} ({type(c.model.get_submodule(owner)).__name__}), which {c.untraced[owner][1]}"
+        where = (f"inside {owner or '<model>'} ({type(c.model.get_submodule(owner)).__name__}), which "
+                 f"{c.untraced[owner][1]}")
         pattern = data_flow_ffn(x, out.shape[-1], sources)
         shaped = [a for a, (i, y) in sources.items() if i.shape[-1] == out.shape[-1] < x.shape[-1] == y.shape[-1]]
         if pattern:
@@ -194,8 +195,8 @@ def report_untraced_ffns(c: Conversion, seen: set[str]) -> None:
                                     "not converted")
         elif shaped:
             c.report.skipped.append(f"{out_name}: {shaped[0]} -> ... -> {out_name.rsplit('.', 1)[-1]} has an FFN's "
-                                    f"shape {where}; no one activation of moefx's ({', '.join(ACTIVATIONS)}) computes its "
-                                    "hidden activation on the calibration batch; it was not converted")
+                                    f"shape {where}; no one activation of moefx's ({', '.join(ACTIVATIONS)}) "
+                                    "computes its hidden activation on the calibration batch; it was not converted")
 
 
 def claim_blocks(c: Conversion) -> None:

@@ -12,8 +12,9 @@ Three lowerings of the same formula:
 * ``sparse_moe`` (target "standard"): standard ONNX ops only (opset 18); per expert, NonZero on its
   gate column selects its tokens, Gather, two MatMuls, and a ScatterND(add) adds its weighted rows
   back (one per expert, so that no scatter names a token twice: onnxruntime's multi-threaded
-  ScatterND loses updates to a repeated index). Only the chosen experts' rows are computed; the graph grows linearly in the
-  number of experts (``SPARSE_NODES_PER_EXPERT`` nodes each for a plain ReLU expert).
+  ScatterND loses updates to a repeated index). Only the chosen experts' rows are computed; the
+  graph grows linearly in the number of experts (``SPARSE_NODES_PER_EXPERT`` nodes each for a plain
+  ReLU expert).
 * ``dense_moe`` (target "standard-dense"): every expert of every token as two large GEMMs over the
   stacked weights, weighted by a dense [T, E] combine matrix that is zero off the top-k choices. The
   graph does not grow with the number of experts, but the work is the dense FFN's (E/k times the
