@@ -40,9 +40,10 @@ from moefx.convert.rewrite import MoEFFN
 from moefx.layer import MoELayer
 from moefx.recipe import Recipe
 from moefx.runtime import call_model
-from moefx.shards import INDEX, MOEFX_INDEX, MOEFX_PREFIX, shard_files
+from moefx.shards import INDEX, MOEFX_INDEX, shard_files
 
 WEIGHTS, RECIPE, EXAMPLE = "moefx_model.safetensors", "moefx.json", "moefx_example.safetensors"
+FILES = "moefx_files.json"  # the files moefx wrote into a checkpoint directory
 LEGACY_WEIGHTS = "model.safetensors"  # moefx-layout checkpoints written before the weights were renamed
 LAYOUTS = ("moefx", "mixtral", "qwen2_moe", "qwen3_moe")
 
@@ -91,15 +92,11 @@ def _write_moefx_layout(moe: nn.Module, path: str, recipe: Recipe, example: Any)
         json.dump(meta, f, indent=2)
 
 
-# files a save writes that a later save into the same directory must not leave behind
-_CHECKPOINT_FILES = (WEIGHTS, LEGACY_WEIGHTS, RECIPE, EXAMPLE, "config.json", "generation_config.json", INDEX,
-                     MOEFX_INDEX)
-
-
 def _write_atomically(path: str, write, check=None) -> None:
     """``write(directory)`` into a temporary directory beside ``path``, ``check(directory)`` it, then move its
-    files into ``path`` (each move atomic), removing checkpoint files of an earlier save that this one did
-    not write. Other files in ``path`` (a tokenizer) stay. Nothing in ``path`` changes if either raises."""
+    files into ``path`` (each move atomic), removing files of an earlier moefx save that this one did not write.
+    Files moefx did not write (the dense model's weights and config, a tokenizer) are never replaced or removed:
+    a save that would replace one is refused. Nothing in ``path`` changes if anything raises."""
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(path))}.moefx-", dir=parent)
@@ -107,17 +104,37 @@ def _write_atomically(path: str, write, check=None) -> None:
         write(staging)
         if check is not None:
             check(staging)
-        os.makedirs(path, exist_ok=True)
         written = set(os.listdir(staging))
-        for name in os.listdir(path):
-            stale = name in _CHECKPOINT_FILES or (name.startswith(("model-", MOEFX_PREFIX + "-"))
-                                                   and name.endswith(".safetensors"))
-            if stale and name not in written:
+        ours = written_by_moefx(path)
+        foreign = sorted(written & set(os.listdir(path) if os.path.isdir(path) else ()) - ours - {FILES})
+        if foreign:
+            raise ValueError(f"moefx.save_pretrained: {path} holds {', '.join(foreign[:3])}"
+                             f"{', ...' if len(foreign) > 3 else ''}, which moefx did not write (the dense model's "
+                             "checkpoint?) and this save would replace; save into another directory")
+        record_written(staging, written)
+        os.makedirs(path, exist_ok=True)
+        for name in ours - written:
+            if os.path.exists(os.path.join(path, name)):
                 os.remove(os.path.join(path, name))
-        for name in written:
+        for name in written | {FILES}:
             os.replace(os.path.join(staging, name), os.path.join(path, name))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def written_by_moefx(path: str) -> set[str]:
+    """The files moefx wrote into checkpoint directory ``path`` (its ``moefx_files.json``): the only ones a later
+    save may replace or remove."""
+    file = os.path.join(path, FILES)
+    if not os.path.exists(file):
+        return set()
+    with open(file) as f:
+        return set(json.load(f))
+
+
+def record_written(path: str, names) -> None:
+    with open(os.path.join(path, FILES), "w") as f:
+        json.dump(sorted(names), f, indent=0)
 
 
 def load_pretrained(path: str, model: Optional[nn.Module] = None) -> nn.Module:

@@ -5,7 +5,8 @@ same next token (top-1 agreement). Encoders: the mean cosine of their token embe
 
 A moefx-layout checkpoint of a model with a stack of blocks is evaluated the way ``moefx convert``
 converts it (``moefx.stream``): block by block, each dense block and its converted twin in memory
-at a time, the LM head read in slices of the vocabulary; per block it reports the relative error of
+at a time, the logits computed by the model's own forward after its last block with the LM head cut to
+slices of the vocabulary (so its bias, logit scale and soft-capping apply); per block it reports the relative error of
 the block's output (errors of earlier blocks included) and the measured experts per token. Other
 checkpoints (transformers MoE layouts, no layer stack) load both models whole and add the per-layer
 report of ``moefx.evaluate``.
@@ -120,7 +121,7 @@ def _evaluate_streamed(source: Source, dst: str, ids: list) -> Optional[Checkpoi
     from moefx.recipe import Recipe
     from moefx.runtime import call_model
     from moefx.shards import SourceShards
-    from moefx.stream import Streamer, _hidden, _Recorder, _Stop, layer_stack
+    from moefx.stream import Streamer, _hidden, _Recorder, layer_stack
     from moefx.summary import summary
 
     model = source.meta_model()
@@ -158,54 +159,51 @@ def _evaluate_streamed(source: Source, dst: str, ids: list) -> Optional[Checkpoi
                                        for d, m in zip(dense_h, moe_h)) / sum(b.numel() for b in ids))
         return result
     head = model.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear):
+        raise ValueError(f"moefx eval: {type(model).__name__}'s output head is a {type(head).__name__}, not a Linear "
+                         "whose vocabulary moefx can read in slices; pass --in-memory")
     names = {m: n for n, m in model.named_modules()}
-    wrap = shell.wrap  # the blocks' output structure
-    finals = {}
-    for label, outputs in (("dense", dense_h), ("moe", moe_h)):
-        finals[label] = []
-        for batch, out in zip(ids, outputs):
-            for i in range(len(shell.stack)):
-                shell.stack[i] = _Recorder(i, [], last=False, wrap=(lambda h, o=out: wrap(o)) if i == len(
-                    shell.stack) - 1 else wrap)
-            captured = []
-
-            def stop(module, args, captured=captured):
-                captured.append(args[0])
-                raise _Stop
-
-            handle = head.register_forward_pre_hook(stop)
-            try:
-                with torch.no_grad():
-                    shell.model(inputs_embeds=shell.embed(batch), attention_mask=torch.ones_like(batch),
-                                use_cache=False)
-            except _Stop:
-                pass
-            finally:
-                handle.remove()
-            finals[label].append(captured[0][:, :-1].reshape(-1, captured[0].shape[-1]))
     weight_key = shell.keys.get(names[head] + ".weight") or shell.keys[
         names[model.get_input_embeddings()] + ".weight"]
+    bias_key = shell.keys.get(names[head] + ".bias")
+    embeds = [shell.embed(b) for b in ids]
     targets = [b[:, 1:].reshape(-1) for b in ids]
     rows = shell.source.shards.tensors[weight_key].shape[0]
-    lse = {k: [torch.full((t.numel(),), -float("inf")) for t in targets] for k in finals}
-    best = {k: [torch.full((t.numel(),), -float("inf")) for t in targets] for k in finals}
-    arg = {k: [torch.zeros(t.numel(), dtype=torch.long) for t in targets] for k in finals}
-    picked = {k: [torch.zeros(t.numel()) for t in targets] for k in finals}
+    lse = {k: [torch.full((t.numel(),), -float("inf")) for t in targets] for k in ("dense", "moe")}
+    best = {k: [torch.full((t.numel(),), -float("inf")) for t in targets] for k in lse}
+    arg = {k: [torch.zeros(t.numel(), dtype=torch.long) for t in targets] for k in lse}
+    picked = {k: [torch.zeros(t.numel()) for t in targets] for k in lse}
+    wrap, whole = shell.wrap, (head.weight, head.bias)  # the blocks' output structure; the head's own tensors
     for start in range(0, rows, VOCAB_SLICE):
+        # the model's own forward after the last block, with its head cut to these vocabulary rows: the head's
+        # bias and whatever the model does to the logits (scale, soft-capping) apply as in the whole model
         stop_row = min(rows, start + VOCAB_SLICE)
-        weight = shell.source.shards.rows(weight_key, torch.arange(start, stop_row), torch.float32)
-        for label in finals:
-            for b, (x, t) in enumerate(zip(finals[label], targets)):
-                logits = x.float() @ weight.T
-                lse[label][b] = torch.logaddexp(lse[label][b], logits.logsumexp(-1))
-                value, index = logits.max(-1)
-                better = value > best[label][b]
-                best[label][b] = torch.where(better, value, best[label][b])
-                arg[label][b] = torch.where(better, index + start, arg[label][b])
-                inside = (t >= start) & (t < stop_row)
-                picked[label][b][inside] = logits[inside, t[inside] - start]
+        index = torch.arange(start, stop_row)
+        head.weight = torch.nn.Parameter(shell.source.shards.rows(weight_key, index, torch.float32), False)
+        if bias_key is not None:
+            head.bias = torch.nn.Parameter(shell.source.shards.read(bias_key, torch.float32)[start:stop_row], False)
+        try:
+            for label, outputs in (("dense", dense_h), ("moe", moe_h)):
+                for b, (batch, embed, out, t) in enumerate(zip(ids, embeds, outputs, targets)):
+                    last = len(shell.stack) - 1
+                    for i in range(len(shell.stack)):
+                        shell.stack[i] = _Recorder(i, [], last=False,
+                                                   wrap=(lambda h, o=out: wrap(o)) if i == last else wrap)
+                    with torch.no_grad():
+                        logits = shell.model(inputs_embeds=embed, attention_mask=torch.ones_like(batch),
+                                             use_cache=False).logits
+                    logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+                    lse[label][b] = torch.logaddexp(lse[label][b], logits.logsumexp(-1))
+                    value, top = logits.max(-1)
+                    better = value > best[label][b]
+                    best[label][b] = torch.where(better, value, best[label][b])
+                    arg[label][b] = torch.where(better, top + start, arg[label][b])
+                    inside = (t >= start) & (t < stop_row)
+                    picked[label][b][inside] = logits[inside, t[inside] - start]
+        finally:
+            head.weight, head.bias = whole
     predicted = sum(t.numel() for t in targets)
-    nll = {k: sum((lse[k][b] - picked[k][b]).sum().item() for b in range(len(targets))) / predicted for k in finals}
+    nll = {k: sum((lse[k][b] - picked[k][b]).sum().item() for b in range(len(targets))) / predicted for k in lse}
     result.dense_perplexity, result.moe_perplexity = math.exp(nll["dense"]), math.exp(nll["moe"])
     result.top1_agreement = sum((arg["dense"][b] == arg["moe"][b]).sum().item()
                                 for b in range(len(targets))) / predicted

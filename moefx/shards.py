@@ -9,6 +9,7 @@ transformers' ``from_pretrained`` and ``moefx.load_pretrained`` read.
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import os
 import struct
@@ -46,10 +47,22 @@ class SourceShards:
 
     def __init__(self, path: str):
         self.path = path
-        files = self._files()
+        self.files = self._files()
         self.tensors: dict[str, StoredTensor] = {}
-        for file in files:
+        for file in self.files:
             self.tensors.update(read_header(file))
+
+    def fingerprint(self) -> dict[str, list]:
+        """{file: [size, mtime in ns, SHA-256 of its header]}: what a resumed conversion checks the source against
+        (a changed or re-saved shard differs in one of them)."""
+        out = {}
+        for file in self.files:
+            stat = os.stat(file)
+            with open(file, "rb") as f:
+                head = f.read(8)
+                head += f.read(struct.unpack("<Q", head)[0])
+            out[os.path.basename(file)] = [stat.st_size, stat.st_mtime_ns, hashlib.sha256(head).hexdigest()]
+        return out
 
     def _files(self) -> list[str]:
         index = next((os.path.join(self.path, i) for i in (INDEX, MOEFX_INDEX)

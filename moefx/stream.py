@@ -101,7 +101,7 @@ def convert_pretrained(src: str, dst: str, recipe: Optional[Recipe] = None, *,
     ids = calibration_ids(source, calibration, calibration_tokens, sequence_length)
     partial = dst.rstrip("/") + PARTIAL
     settings = dict(source=os.path.abspath(src), recipe=recipe.to_dict(), dtype=str(out_dtype), layout=layout,
-                    calibration=_fingerprint(ids))
+                    calibration=_fingerprint(ids), weights=source.shards.fingerprint())
     model = source.meta_model()
     stack = layer_stack(model)
     try:
@@ -153,7 +153,12 @@ class Source:
 
     @property
     def causal_lm(self) -> bool:
-        return bool(self.architecture and self.architecture.endswith("ForCausalLM"))
+        """Whether the config's architecture is a class ``AutoModelForCausalLM`` builds (``LlamaForCausalLM``, and
+        ``GPT2LMHeadModel`` whose name says otherwise)."""
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        names = {n for v in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() for n in ([v] if isinstance(v, str) else v)}
+        return self.architecture in names
 
     def model_class(self):
         """``AutoModelForCausalLM`` when the config's architecture is a causal LM (it keeps its head), else
@@ -607,6 +612,12 @@ class Streamer:
             return 0
         with open(file) as f:
             state = json.load(f)
+        old, new = state["settings"].get("weights", {}), self.settings["weights"]
+        changed = [f for f in sorted(set(old) | set(new)) if old.get(f) != new.get(f)]
+        if changed:
+            raise ValueError(f"moefx: the weights in {self.source.path} changed since the interrupted conversion in "
+                             f"{self.partial} began ({changed[0]} differs in size, modification time or header); "
+                             "its blocks belong to the old weights: remove it and convert again")
         if state.get("settings") != self.settings:
             raise ValueError(f"moefx: {self.partial} holds an interrupted conversion with other settings (source, "
                              "recipe, dtype, layout or calibration); remove it to start afresh, or rerun the same "
@@ -626,7 +637,7 @@ class Streamer:
     def _finish(self) -> None:
         """The tensors outside the stack (copied as they are stored, cast to the output dtype), the index,
         config, tokenizer and, for layout="moefx", the recipe with a calibration row."""
-        from moefx.checkpoint import EXAMPLE, RECIPE
+        from moefx.checkpoint import EXAMPLE, RECIPE, record_written
         from safetensors.torch import save_file
 
         inside = self.stack_name + "."
@@ -644,8 +655,6 @@ class Streamer:
         for extra in ("generation_config.json",):
             if os.path.exists(os.path.join(self.source.path, extra)):
                 shutil.copy(os.path.join(self.source.path, extra), self.partial)
-        if self.source._tokenizer is not None:
-            self.source._tokenizer.save_pretrained(self.partial)
         if self.layout == "moefx":
             example = {"input_ids": self.ids[0][:1, :64].clone()}
             save_file(example, os.path.join(self.partial, EXAMPLE))
@@ -654,6 +663,9 @@ class Streamer:
             with open(os.path.join(self.partial, RECIPE), "w") as f:
                 json.dump(meta, f, indent=2)
         os.remove(os.path.join(self.partial, PROGRESS))
+        record_written(self.partial, os.listdir(self.partial))
+        if self.source._tokenizer is not None:  # not recorded: a later moefx save keeps it
+            self.source._tokenizer.save_pretrained(self.partial)
 
 
 def _direct(module: nn.Module) -> Iterable[tuple[str, Tensor]]:

@@ -181,6 +181,29 @@ def test_an_interrupted_conversion_resumes_from_the_last_written_block(llama, tm
     assert relative_error(logits(moefx.load_pretrained(dst), ids), logits(moefx.load_pretrained(whole), ids)) < 1e-6
 
 
+def test_resuming_after_the_source_weights_changed_is_refused(tmp_path, monkeypatch):
+    """The old run's blocks belong to the old weights: stitching them to the new model's rest is refused."""
+    from moefx.stream import Streamer
+
+    src, dst = str(tmp_path / "src"), str(tmp_path / "moe")
+    llama_checkpoint(src)
+    options = dict(num_experts=4, top_k=2, calibration_tokens=TOKENS, sequence_length=SEQUENCE, progress=False)
+    convert_block = Streamer._convert_block
+
+    def interrupted(self, block, batches, i):
+        if i == 1:
+            raise KeyboardInterrupt
+        return convert_block(self, block, batches, i)
+
+    monkeypatch.setattr(Streamer, "_convert_block", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        convert_pretrained(src, dst, **options)
+    monkeypatch.setattr(Streamer, "_convert_block", convert_block)
+    llama_checkpoint(src, seed=1)
+    with pytest.raises(ValueError, match="weights in .* changed since the interrupted conversion"):
+        convert_pretrained(src, dst, **options)
+
+
 def test_encoder_without_tokenizer_streams_on_token_id_jsonl(tmp_path):
     """BertModel (AutoModel, each whole block becomes one traced piece), calibrated on JSONL token ids."""
     from transformers import BertConfig, BertModel
@@ -283,3 +306,54 @@ def test_bad_input_is_refused_by_name_and_leaves_no_checkpoint(llama, tmp_path, 
                  "--calibration-tokens", str(TOKENS)]) == 2
     assert "pick num_experts from" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "e") and not os.path.exists(tmp_path / "e.moefx-partial")
+
+
+def zoo_checkpoint(tmp_path, name):
+    """Zoo model ``name`` saved as a checkpoint directory, and a JSONL of token-id calibration records."""
+    import warnings
+
+    from tests.test_zoo import VOCAB, ZOO
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dense = ZOO[name].build().eval()
+    src = str(tmp_path / name)
+    dense.save_pretrained(src)
+    data = tmp_path / "ids.jsonl"
+    generator = torch.Generator().manual_seed(0)
+    data.write_text("".join(json.dumps({"input_ids": torch.randint(3, VOCAB, (40,), generator=generator).tolist()})
+                            + "\n" for _ in range(8)))
+    return dense, src, str(data)
+
+
+def test_gpt2_lm_head_model_is_converted_with_its_head(tmp_path):
+    dense, src, data = zoo_checkpoint(tmp_path, "gpt2")
+    dst = str(tmp_path / "moe")
+    convert_pretrained(src, dst, num_experts=4, top_k=4, calibration=data, calibration_tokens=128,
+                       sequence_length=32, progress=False)
+    moe = moefx.load_pretrained(dst)
+    ids = torch.randint(3, 64, (1, 9), generator=torch.Generator().manual_seed(1))
+    assert type(moe).__name__ == "GPT2LMHeadModel" and relative_error(logits(moe, ids), logits(dense, ids)) < 1e-5
+
+
+@pytest.mark.parametrize("name", ["phi", "cohere", "gpt2"])
+def test_streamed_eval_perplexity_applies_the_models_own_head(tmp_path, name):
+    """Phi's LM-head bias, Cohere's logit scale: the block-by-block perplexity equals the whole model's."""
+    from moefx.checkpoint_eval import evaluate_pretrained
+
+    dense, src, data = zoo_checkpoint(tmp_path, name)
+    head = dense.get_output_embeddings()
+    if head.bias is not None:
+        with torch.no_grad():
+            head.bias.normal_(0, 2, generator=torch.Generator().manual_seed(0))
+        dense.save_pretrained(src)
+    dst = str(tmp_path / "moe")
+    convert_pretrained(src, dst, num_experts=4, top_k=2, calibration=data, calibration_tokens=128,
+                       sequence_length=32, progress=False)
+    streamed = evaluate_pretrained(src, dst, data, tokens=128, sequence_length=32)
+    whole = evaluate_pretrained(src, dst, data, tokens=128, sequence_length=32, in_memory=True)
+    assert streamed.blocks is not None and whole.blocks is None
+    assert abs(streamed.dense_perplexity / whole.dense_perplexity - 1) < 1e-5
+    assert abs(streamed.moe_perplexity / whole.moe_perplexity - 1) < 1e-5
+    assert streamed.top1_agreement == whole.top1_agreement

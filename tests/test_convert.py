@@ -286,3 +286,36 @@ def test_untraceable_modules_are_reported_only_when_they_hold_an_ffn():
     assert report.converted == ["2.2 -> 2.moe"]
     assert len(report.skipped) == 1 and report.skipped[0].startswith("1.b: an FFN (1.a -> relu -> b) inside 1 (Opaque), "
                                                                       "which does not trace"), report.skipped
+
+
+def test_every_ffn_left_dense_is_named_with_the_reason_and_a_gate_is_not_taken_for_an_ffn():
+    """Traced or inside a module that does not trace: an FFN of an activation moefx does not have (tanh, a sigmoid
+    gate) is named in the report; a sigmoid gate whose small values every activation fits is not reported as an
+    FFN of one of them."""
+    class Block(torch.nn.Module):
+        def __init__(self, fn, opaque=False, gated=False, std=None):
+            super().__init__()
+            self.fn, self.opaque, self.gated = fn, opaque, gated
+            self.gate, self.up, self.down = torch.nn.Linear(8, 32), torch.nn.Linear(8, 32), torch.nn.Linear(32, 8)
+            if std is not None:
+                for linear in (self.gate, self.up):
+                    torch.nn.init.normal_(linear.weight, std=std)
+                    torch.nn.init.zeros_(linear.bias)
+
+        def forward(self, x):
+            steps = int(x.abs().sum() > 0) + 1 if self.opaque else 1  # the tracer cannot follow it
+            h = self.fn(self.gate(x)) * self.up(x) if self.gated else self.fn(self.up(x))
+            return x + self.down(h) * steps
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(Block(torch.tanh), Block(torch.tanh, opaque=True), Block(torch.relu),
+                                Block(torch.sigmoid, gated=True),
+                                Block(lambda g: torch.sigmoid(g) - 0.5, opaque=True, gated=True, std=1e-3)).eval()
+    moe = moefx.convert(model, num_experts=4, top_k=4, calibration=[torch.randn(3, 8)], progress=False)
+    report = moe.moefx_report
+    assert report.converted == ["2.down -> 2.moe"]
+    skipped = dict(s.split(": ", 1) for s in report.skipped)
+    assert sorted(skipped) == ["0.down", "1.down", "3.down", "4.down"], report.skipped
+    assert all("FFN's shape" in skipped[n] and "matches no FFN pattern" in skipped[n] for n in ("0.down", "3.down"))
+    assert "inside 1 (Block), which does not trace" in skipped["1.down"]
+    assert "inside 4 (Block)" in skipped["4.down"] and "no one activation of moefx's" in skipped["4.down"]

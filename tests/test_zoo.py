@@ -106,6 +106,7 @@ ZOO = {
     "gemma": Entry(_hf("GemmaConfig", "GemmaForCausalLM", **GQA, head_dim=16), 2, "causal"),
     "phi3": Entry(_hf("Phi3Config", "Phi3ForCausalLM", **GQA), 2, "causal"),            # fused gate/up + chunk
     "phi": Entry(_hf("PhiConfig", "PhiForCausalLM", **DECODER), 2, "causal"),            # parallel attention/MLP
+    "cohere": Entry(_hf("CohereConfig", "CohereForCausalLM", **GQA, logit_scale=0.5), 2, "causal"),  # scaled logits
     "nemotron": Entry(_hf("NemotronConfig", "NemotronForCausalLM", **GQA, head_dim=16), 2, "causal"),  # relu^2
     "stablelm": Entry(_hf("StableLmConfig", "StableLmForCausalLM", **GQA), 2, "causal"),
     "starcoder2": Entry(_hf("Starcoder2Config", "Starcoder2ForCausalLM", **GQA), 2, "causal"),
@@ -209,3 +210,16 @@ def test_zoo_converts_every_ffn_exactly_and_keeps_the_calling_convention(name):
     assert facts["rel_err"] <= 1e-5, facts
     if "generate_equal" in facts:
         assert facts["generate_equal"], facts
+
+
+@pytest.mark.parametrize("name", [n for n, e in ZOO.items() if e.kind == "causal"])
+def test_every_causal_lm_checkpoint_is_read_with_its_head(name, tmp_path):
+    """``moefx convert`` / ``moefx eval`` build SRC's class from config.architectures (GPT2LMHeadModel keeps its
+    LM head although its name does not end in ForCausalLM)."""
+    from moefx.stream import Source
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ZOO[name].build().save_pretrained(str(tmp_path))
+        source = Source(str(tmp_path))
+        assert source.causal_lm and type(source.meta_model()).__name__ == source.architecture
