@@ -109,13 +109,13 @@ def test_belady_evicts_the_farthest_next_use_on_a_known_sequence():
     assert replay(LRU(), TEXTBOOK, 3, known_future=False).misses == 12
 
 
-def test_belady_ranks_unknown_experts_by_their_layers_next_turn():
-    policy = Belady(num_layers=4)
-    policy.expect([(2, 5)], layer=1)  # layer 1 runs; layer 2 is known to want expert 5
-    order = sorted([(1, 0), (2, 3), (2, 5), (3, 0), (0, 0)], key=policy.next_use)
-    # expert 5 of layer 2 first, then layer 3, layer 0 of the next token, layer 1 again, and layer 2's
-    # unpredicted expert 3 only after layer 2's next turn
-    assert order == [(2, 5), (3, 0), (0, 0), (1, 0), (2, 3)]
+def test_belady_evicts_experts_not_known_to_come_first_least_recent_first():
+    policy = Belady()
+    for key in [(0, 1), (1, 1), (2, 5), (0, 2)]:
+        policy.touch(key)
+    policy.expect([(2, 5), (1, 1)])
+    order = sorted([(0, 1), (1, 1), (2, 5), (0, 2)], key=policy.rank)
+    assert order == [(0, 1), (0, 2), (1, 1), (2, 5)]
 
 
 def test_prefetch_never_evicts_what_is_needed_sooner_nor_exceeds_the_budget():

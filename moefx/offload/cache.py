@@ -102,29 +102,34 @@ class ExpertCache:
             self.stats.wait_s += time.perf_counter() - start
         return self._ready(loaded)
 
-    def prefetch(self, keys: Iterable[Key]) -> None:
-        """Start loading ``keys`` (in need order) on the prefetcher thread, as far as room allows."""
+    def prefetch(self, keys: Iterable[Key], evict: str = "any") -> None:
+        """Start loading ``keys`` (in need order) on the prefetcher thread, as far as room allows. ``evict``:
+        "any" for keys known to come (Belady's rule decides), "layer" for predicted ones (room only from their
+        own layer's experts: a wrong guess costs that layer alone, not what other layers reuse token after
+        token), "none" (free room only)."""
         if self.pool is None:
             return
         with self.lock:
             for key in keys:
                 if key in self.resident or key in self.loading:
                     continue
-                if not self._make_room(key, self.size(key), demand=False):
+                if not self._make_room(key, self.size(key), demand=False, evict=evict):
                     self.stats.prefetch_skipped += 1
                     break
                 self.stats.prefetches += 1
                 self.unused.add(key)
                 self.loading[key] = self.pool.submit(self._load, key)
 
-    def _make_room(self, key: Key, size: int, demand: bool) -> bool:
+    def _make_room(self, key: Key, size: int, demand: bool, evict: str = "any") -> bool:
         """Evict until ``size`` more bytes fit, then reserve them for ``key`` (lock held). On demand, wait for
-        in-flight loads or pins to free room; for a prefetch, give up rather than evict anything needed sooner."""
+        in-flight loads or pins to free room; for a prefetch, give up rather than evict anything needed sooner
+        or anything ``evict`` rules out."""
         if size > self.budget:
             raise ValueError(f"moefx.offload: one expert ({size} bytes) is larger than the budget ({self.budget} "
                              "bytes); raise budget")
         while self.used + size > self.budget:
-            candidates = [k for k in self.resident if not self.pinned[k]]
+            candidates = [k for k in self.resident if not self.pinned[k] and evict != "none"
+                          and (evict == "any" or k[0] == key[0])]
             if candidates:
                 victim = self.policy.victim(candidates)
                 if not demand and not self.policy.sooner(key, victim):

@@ -10,7 +10,9 @@ Routers, shared experts, attention and embeddings stay where they are. What is f
 * ``layer_ahead``: layer l+1's router on layer l's routing input names l+1's likely experts, loaded while
   layer l computes (``moefx.offload.predict``).
 
-Eviction is Belady's rule over those known accesses (``policy="belady"``), or LRU/LFU. The experts of a
+Eviction is Belady's rule over those known accesses, LRU among the rest (``policy="belady"``), or
+LRU/LFU. A layer-ahead guess may evict only its own layer's experts, and only while the guesses' measured
+recall is at least ``GUESS_RECALL``; below it they only fill free room. The experts of a
 layer are computed by the op's CPU implementation (``moefx.cpu.routed_sum``) with the layer's own routing
 and the same strategy and order as the all-in-memory layer, so outputs are bitwise equal to the model
 before offloading wherever ``MOEFX_KERNELS`` picks the "cpu" implementation (the CPU default; on a GPU,
@@ -38,6 +40,7 @@ from moefx.offload.policy import POLICIES
 from moefx.offload.store import EXPERT_TENSORS, SafetensorsFiles, SlowTier
 
 PREFETCH = ("auto", "pregate", "layer_ahead", "both", "none")
+GUESS_RECALL = 0.5  # layer-ahead recall from which a guess may evict its layer's experts
 OFFLOAD_FILE = "moefx_experts.safetensors"
 
 
@@ -49,7 +52,8 @@ class OffloadConfig:
     """fast-tier bytes for experts: an int, or "<n>x", n times the bytes of the experts one token activates
     (top_k per MoE layer, every layer)"""
     policy: str = "belady"
-    """eviction: "belady" (farthest known next use; layer order where experts are not known), "lru", "lfu\""""
+    """eviction: "belady" (farthest known next use; least recently used among experts not known to come),
+    "lru", "lfu\""""
     prefetch: str = "auto"
     """"pregate" (a pre-gated model's block-entry routing), "layer_ahead", "both", "none" (on demand only);
     "auto": both where the model is pre-gated, else layer_ahead"""
@@ -114,8 +118,7 @@ class Offloaded:
         if isinstance(budget, str):
             budget = int(float(budget[:-1]) * self.active_bytes)
         self.budget = budget
-        policy = POLICIES[config.policy](len(layers)) if config.policy == "belady" else POLICIES[config.policy]()
-        self.policy = policy
+        self.policy = policy = POLICIES[config.policy]()
         blocks = _pregated_blocks(model)
         mode = config.prefetch
         if mode == "auto":
@@ -125,6 +128,8 @@ class Offloaded:
                              "moefx.convert(..., router='distilled', pregate='block'), or use prefetch='layer_ahead'")
         self.layer_ahead = mode in ("layer_ahead", "both")
         self.cache = ExpertCache(self.tier, self.names, budget, policy, prefetch_thread=mode != "none")
+        self.guesses: dict[int, set] = {}
+        self.guess_recall = 0.0  # guesses earn the right to evict
         self.handles = []
         if mode in ("pregate", "both"):
             self._hook_blocks(blocks)
@@ -142,15 +147,16 @@ class Offloaded:
         index, num_experts = layer.offload_index, layer.num_experts
         needed = sorted(set(ids[ids < num_experts].tolist()))
         keys = [(index, e) for e in needed]
+        self._score_guess(index, needed)
         predicted = self._predict(index, route_from) if self.layer_ahead else []
-        self.policy.expect(keys + predicted, layer=index)
+        self.policy.expect(keys + predicted)
         cache = self.cache
         fits = sum(cache.size(k) for k in keys) <= self.budget
         if fits:
             cache.pin(keys)
         try:
             weights = {e: cache.get(k) for e, k in zip(needed, keys)} if fits else None
-            cache.prefetch(predicted)
+            cache.prefetch(predicted, evict="layer" if self.guess_recall >= GUESS_RECALL else "none")
             return self._compute(layer, x, route_from, gates, ids, needed,
                                  weights.__getitem__ if fits else lambda e: cache.get((index, e)))
         finally:
@@ -164,7 +170,17 @@ class Offloaded:
         if nxt.router.in_features != route_from.shape[-1]:
             return []
         ids = nxt.routing(route_from)[1]
-        return [(index + 1, e) for e in sorted(set(ids[ids < nxt.num_experts].tolist()))]
+        self.guesses[index + 1] = set(ids[ids < nxt.num_experts].tolist())
+        return [(index + 1, e) for e in sorted(self.guesses[index + 1])]
+
+    def _score_guess(self, index: int, needed: list) -> None:
+        """Update ``guess_recall``, the layer-ahead recall per call averaged over about the last 10 calls (0.0
+        before any; a prompt's guesses name many experts, so a running total would hide the decode steps'):
+        below ``GUESS_RECALL`` guesses only fill free room, since evicting for them loses more hits than they
+        bring."""
+        guess = self.guesses.pop(index, None)
+        if guess is not None and needed:
+            self.guess_recall += 0.1 * (len(guess.intersection(needed)) / len(needed) - self.guess_recall)
 
     @staticmethod
     def _compute(layer: MoELayer, x: Tensor, route_from: Tensor, gates: Tensor, ids: Tensor, needed: list,
@@ -196,7 +212,7 @@ class Offloaded:
                     ids = layer.routing(routed_from)[1]
                     keys += [(i, e) for e in sorted(set(ids[ids < layer.num_experts].tolist()))]
                 if keys:
-                    self.policy.expect(keys, layer=(inside[0] - 1) % len(self.layers))  # the layer before has run
+                    self.policy.expect(keys)
                     self.cache.prefetch(keys)
             self.handles.append(block.register_forward_pre_hook(entry, with_kwargs=True))
 
