@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Iterable
@@ -30,7 +30,7 @@ class CacheStats:
     wasted: int = 0              # prefetched experts evicted before any use
     bytes_loaded: int = 0        # slow -> fast tier
     wait_s: float = 0.0          # compute thread blocked on loads (on demand or late prefetches)
-    evictions: list = field(default_factory=list, repr=False)  # keys in eviction order
+    evictions: deque = field(default_factory=lambda: deque(maxlen=4096), repr=False)  # latest evicted keys, in order
 
     @property
     def hit_rate(self) -> float:
@@ -95,9 +95,15 @@ class ExpertCache:
                 future = self.loading[key] = Future()
                 future.set_running_or_notify_cancel()
                 demand = True
-        loaded = self._load(key) if demand else future.result()
         if demand:
+            try:
+                loaded = self._load(key)
+            except BaseException as error:
+                future.set_exception(error)
+                raise
             future.set_result(loaded)
+        else:
+            loaded = future.result()
         with self.lock:
             self.stats.wait_s += time.perf_counter() - start
         return self._ready(loaded)
@@ -155,7 +161,15 @@ class ExpertCache:
 
     def _load(self, key: Key) -> Loaded:
         layer, expert = key
-        loaded = self.tier.load(self.layers[layer], expert)
+        try:
+            loaded = self.tier.load(self.layers[layer], expert)
+        except BaseException:
+            with self.lock:  # give the room back
+                self.loading.pop(key, None)
+                self.reserved.pop(key, None)
+                self.unused.discard(key)
+                self.lock.notify_all()
+            raise
         with self.lock:
             self.loading.pop(key, None)
             self.resident[key] = loaded
@@ -174,19 +188,6 @@ class ExpertCache:
                 if t is not None:
                     t.record_stream(stream)
         return loaded.tensors
-
-    def clear(self) -> None:
-        """Drop every resident expert (after in-flight loads finish) and reset the counters."""
-        with self.lock:
-            futures = list(self.loading.values())
-        for f in futures:
-            f.result()
-        with self.lock:
-            self.resident.clear()
-            self.reserved.clear()
-            self.unused.clear()
-            self.stats = CacheStats()
-            self.peak = 0
 
     def close(self) -> None:
         if self.pool is not None:
