@@ -131,6 +131,17 @@ def test_prefetch_never_evicts_what_is_needed_sooner_nor_exceeds_the_budget():
     assert cache.stats.prefetch_skipped == 1 and cache.peak <= 2
 
 
+def test_a_guess_evicts_only_its_own_layer_and_nothing_when_told_so():
+    policy = LRU()
+    cache = ExpertCache(UnitTier(), ["a", "b"], 2, policy)
+    cache.get((0, 1)), cache.get((1, 1))
+    cache.prefetch([(1, 2)], evict="none")  # full: a guess that may not evict is not started
+    cache.prefetch([(1, 3)], evict="layer")  # evicts layer 1's expert, though layer 0's is older
+    cache.close()
+    assert list(cache.stats.evictions) == [(1, 1)] and set(cache.resident) == {(0, 1), (1, 3)}
+    assert cache.stats.prefetch_skipped == 1
+
+
 def test_options_are_checked_with_the_fix_named(calibration):
     with pytest.raises(ValueError, match="budget='two'"):
         OffloadConfig(budget="two")
