@@ -57,8 +57,6 @@ class OffloadConfig:
     prefetch: str = "auto"
     """"pregate" (a pre-gated model's block-entry routing), "layer_ahead", "both", "none" (on demand only);
     "auto": both where the model is pre-gated, else layer_ahead"""
-    device: Optional[str] = None
-    """the fast tier (where experts are computed); default: where the routers are"""
     bandwidth: Optional[float] = None
     """bytes/s: throttle slow-tier reads to this rate (emulate a link slower than the page cache)"""
 
@@ -103,15 +101,15 @@ class OffloadedMoELayer(MoELayer):
 
 class Offloaded:
     """The runtime ``offload`` returns: the model (changed in place), its cache and counters; ``close()``
-    ends the prefetcher and releases the slow tier."""
+    ends the prefetcher and releases the slow tier, after which the model's MoE layers no longer run."""
 
     def __init__(self, model: nn.Module, layers: list[tuple[str, MoELayer]], files: SafetensorsFiles,
                  config: OffloadConfig, owned_directory: Optional[str]):
         self.model, self.config, self.owned_directory = model, config, owned_directory
         self.names = [name for name, _ in layers]
         self.layers = [layer for _, layer in layers]
-        device = torch.device(config.device) if config.device else self.layers[0].router.weight.device
-        self.tier = SlowTier(files, device, config.bandwidth)
+        # the fast tier is where the model runs: its routers' device
+        self.tier = SlowTier(files, self.layers[0].router.weight.device, config.bandwidth)
         self.tier.pin_all({name: layer.num_experts for name, layer in layers})
         self.active_bytes = sum(layer.top_k * self._expert_bytes(name) for name, layer in layers)
         budget = config.budget
