@@ -56,6 +56,25 @@ def test_offloaded_outputs_are_bitwise_those_of_the_model_in_memory(calibration,
         assert torch.equal(a, b)
 
 
+def test_exact_with_biases_shared_and_zero_computation_experts():
+    from tests.conftest import _gpt2
+
+    torch.manual_seed(0)
+    dense, make, _, _ = _gpt2()
+    g = torch.Generator().manual_seed(0)
+    moe = moefx.convert(dense.eval(), num_experts=8, top_k=2, num_shared=1, num_zero=1, num_copy=1, num_const=1,
+                        router="least_squares", calibration=[make(g) for _ in range(2)], progress=False)
+    layer = next(m for m in moe.modules() if isinstance(m, MoELayer))
+    assert layer.b_in is not None and layer.shared_in is not None and layer.const_experts is not None
+    batches = [make(g), {"input_ids": torch.randint(0, 200, (1, 1))}]
+    with torch.no_grad():
+        want = [moe(**b).last_hidden_state for b in batches]
+        with offload(moe, budget="1x"):
+            got = [moe(**b).last_hidden_state for b in batches]
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
 def test_a_saved_checkpoint_is_the_slow_tier(calibration, tmp_path):
     moefx.save_pretrained(converted(calibration), str(tmp_path))
     loaded = moefx.load_pretrained(str(tmp_path))
