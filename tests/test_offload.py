@@ -171,3 +171,24 @@ def test_options_are_checked_with_the_fix_named(calibration):
     with pytest.raises(ValueError, match="larger than the budget"):
         with offload(converted(calibration), budget=16) as runtime:
             run(runtime.model, BATCHES[1:2])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_a_gpu_experts_come_from_pinned_memory_and_match_the_cpu_implementation(calibration, monkeypatch):
+    # the offloaded layer computes with moefx.cpu's torch code on the GPU: equal to the model in memory run
+    # through the same implementation (MOEFX_KERNELS=cpu), within tolerance of the Triton path
+    moe = converted(calibration).cuda()
+    batches = [{k: v.cuda() for k, v in b.items()} for b in BATCHES]
+    want_triton = run(moe, batches)
+    monkeypatch.setenv("MOEFX_KERNELS", "cpu")
+    want = run(moe, batches)
+    with offload(moe, budget="2x") as runtime:
+        assert runtime.tier.stream is not None and all(t.is_pinned() for p in runtime.tier.pinned.values()
+                                                       for t in p if t is not None)
+        got = run(moe, batches)
+        torch.cuda.synchronize()
+        assert runtime.cache.peak <= runtime.budget
+    for a, b, c in zip(got, want, want_triton):
+        assert torch.equal(a, b)
+        assert (a - c).abs().max() <= 1e-4 * c.abs().max()
