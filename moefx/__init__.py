@@ -13,11 +13,13 @@ from moefx.fit.distill import DistillReport, distill
 from moefx.convert.pregate import lookahead
 from moefx.op import moe_op
 from moefx.quality import QualityReport, evaluate
+from moefx import offload  # noqa: F401  (moefx.offload.offload: run with experts on a slow tier)
+from moefx.offload import layer_ahead_recall, routing_consistency
 from moefx.summary import Summary, summary
 
 __all__ = ["ConversionReport", "DistillReport", "LayerOrigin", "MoELayer", "QualityReport", "Recipe", "Summary", "convert",
-           "convert_pretrained", "distill", "evaluate", "export_onnx", "load_pretrained", "lookahead", "moe_op",
-           "save_pretrained", "summary"]
+           "convert_pretrained", "distill", "evaluate", "export_onnx", "layer_ahead_recall", "load_pretrained", "lookahead",
+           "moe_op", "routing_consistency", "save_pretrained", "summary"]
 __version__ = "0.1.0"
 
 
