@@ -194,11 +194,12 @@ class Source:
         """{model state-dict key: checkpoint key}; keys tied to another (a tied LM head) are left out."""
         prefix = getattr(model, "base_model_prefix", "") or ""
         tied = _aliases(model)
+        renamed = _renamed(model, self.shards.tensors)
         mapping, missing = {}, []
         for key in model.state_dict(keep_vars=True):
             candidates = [key] + ([key[len(prefix) + 1:]] if prefix and key.startswith(prefix + ".") else []) + (
                 [f"{prefix}.{key}"] if prefix else [])
-            found = next((c for c in candidates if c in self.shards), None)
+            found = next((renamed[c] for c in candidates if c in renamed), None)
             if found is not None:
                 mapping[key] = found
             elif key not in tied and not _non_persistent(model, key):
@@ -208,6 +209,16 @@ class Source:
                              f"{type(model).__name__} ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); "
                              "check that config.json belongs to these weights, or that every shard is there")
         return mapping
+
+
+def _renamed(model: nn.Module, keys: Iterable[str]) -> dict[str, str]:
+    """{checkpoint key as transformers renames it on loading: checkpoint key} (GPT-NeoX stores its head as
+    ``embed_out``, the model names it ``lm_head``)."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming, apply_renamings
+
+    renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
+    return {apply_renamings(key, renamings): key for key in sorted(keys)}
 
 
 def _aliases(model: nn.Module) -> set[str]:
@@ -385,7 +396,10 @@ class Streamer:
         skip = self._big_tables()
         inside = lambda name: name == self.stack_name or name.startswith(self.stack_name + ".")  # noqa: E731
         for name, module in self.model.named_modules():
-            if inside(name) or any(name == s or name.startswith(s + ".") for s in skip):
+            if inside(name):
+                continue
+            if any(name == s or name.startswith(s + ".") for s in skip):
+                self._initialise_buffers(module, name)  # the table stays on disk, its scale (Gemma's) does not
                 continue
             self._materialise(module, name, recurse=False)
 
@@ -409,27 +423,32 @@ class Streamer:
                 state[name] = self.source.shards.read(key, torch.float32 if tensor.is_floating_point() else None)
         module.load_state_dict(state, strict=False, assign=True)
         for sub_name, sub in (module.named_modules() if recurse else [("", module)]):
-            meta = [n for n, b in sub._buffers.items() if b is not None and b.is_meta]
-            if not meta:
-                continue
-            for n in meta:
-                sub._buffers[n] = torch.empty_like(sub._buffers[n], device="cpu")
-            kept = {n: p.detach().clone() for n, p in sub._parameters.items() if p is not None and not p.is_meta}
-            init = getattr(self.model, "_init_weights", None)
-            if init is None:
-                raise ValueError(f"moefx: {dot + sub_name} keeps buffers {meta} outside the checkpoint and "
-                                 f"{type(self.model).__name__} has no _init_weights to compute them; convert in "
-                                 "memory: moefx.convert(model, ...)")
-            with torch.no_grad():
-                init(sub)
-                for n, value in kept.items():
-                    sub._parameters[n].copy_(value)
+            self._initialise_buffers(sub, dot + sub_name)
         tied = _aliases(self.model)
         left = [n for n, t in (module.state_dict(keep_vars=True).items() if recurse else _direct(module))
                 if t.is_meta and dot + n not in tied]
         if left:
             raise ValueError(f"moefx: {dot + left[0]} has no value in the checkpoint; check that config.json belongs "
                              "to these weights")
+
+    def _initialise_buffers(self, module: nn.Module, name: str) -> None:
+        """``module``'s own buffers still on the meta device, computed by the model's initialisation (its
+        parameters keep their values)."""
+        meta = [n for n, b in module._buffers.items() if b is not None and b.is_meta]
+        if not meta:
+            return
+        for n in meta:
+            module._buffers[n] = torch.empty_like(module._buffers[n], device="cpu")
+        kept = {n: p.detach().clone() for n, p in module._parameters.items() if p is not None and not p.is_meta}
+        init = getattr(self.model, "_init_weights", None)
+        if init is None:
+            raise ValueError(f"moefx: {name} keeps buffers {meta} outside the checkpoint and "
+                             f"{type(self.model).__name__} has no _init_weights to compute them; convert in "
+                             "memory: moefx.convert(model, ...)")
+        with torch.no_grad():
+            init(module)
+            for n, value in kept.items():
+                module._parameters[n].copy_(value)
 
     def embed(self, batch: Tensor) -> Tensor:
         """The input embedding of ``batch``, computed by the model's own embedding module (which may scale it)
@@ -438,13 +457,14 @@ class Streamer:
         names = {m: n for n, m in self.model.named_modules()}
         unique, inverse = torch.unique(batch, return_inverse=True)
         rows = self.source.shards.rows(self.keys[names[table] + ".weight"], unique, torch.float32)
-        whole = table.weight
+        whole, padding = table.weight, table.padding_idx
         table.weight = nn.Parameter(rows, requires_grad=False)
+        table.padding_idx = None  # an index into the whole table (it only masks gradients)
         try:
             with torch.no_grad():
                 return table(inverse)
         finally:
-            table.weight = whole
+            table.weight, table.padding_idx = whole, padding
 
     def record_calls(self) -> tuple[str, list[Tensor], list[list[dict]]]:
         """The blocks' calls in the parent's forward on each calibration batch: the name of the hidden-state
