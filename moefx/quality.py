@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from moefx.layer import MoELayer
-from moefx.runtime import call_model, hooks, output_tensor
+from moefx.runtime import call_model, hooks, output_tensor, read_batches
 from moefx.fit.routers import oracle_scores
 
 
@@ -83,7 +83,7 @@ def evaluate(dense: nn.Module, moe: nn.Module, data: Iterable[Any], plot: Option
     sums = {o.moe: dict(local=0.0, drift=0.0, ref_local=0.0, ref_drift=0.0, hits=0.0, picks=0.0, slots=0.0,
                         tokens=0, load=None) for o in origins}
     cosines = []
-    for batch in data:
+    for batch in read_batches(data, "moefx.evaluate", "data"):
         dense_in, dense_out, dense_result = _record(dense, {o.moe: o.dense_inputs[0] for o in origins},
                                                     {o.moe: o.dense_output for o in origins}, batch)
         moe_layers = {o.moe: o.moe for o in origins}
