@@ -121,6 +121,10 @@ def _check_model(model: nn.Module) -> None:
     if meta is not None:
         raise ValueError(f"moefx.convert: {meta} is on the meta device (a model built without weights); load the "
                          "weights first (from_pretrained, or model.to_empty(device='cpu') then load_state_dict)")
+    broken = next((n for n, p in model.named_parameters() if not torch.isfinite(p).all()), None)
+    if broken is not None:
+        raise ValueError(f"moefx.convert: {broken} holds NaN or inf values; load the weights again (a corrupt "
+                         "or half-written checkpoint)")
 
 
 def _first_row(batch: Any) -> Any:

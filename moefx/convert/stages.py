@@ -216,9 +216,9 @@ def check_found(c: Conversion) -> None:
             raise ValueError(f"moefx.convert: {ffn.name} has {ffn.width} neurons, which do not split into "
                              f"granularity={r.granularity} equal shards")
         if not r.upcycle and ffn.width % r.num_experts:
-            divisors = [d for d in range(2, min(ffn.width, 129)) if ffn.width % d == 0]
+            divisors = [d for d in range(2, min(ffn.width, 128) + 1) if ffn.width % d == 0]
             fix = (f"pick num_experts from {divisors}" if divisors else
-                   f"{ffn.width} has no divisor up to 128, so no carving splits it evenly; convert with "
+                   f"{ffn.width} has no divisor from 2 to 128, so no carving splits it evenly; convert with "
                    "method='upcycle' (each expert a copy of the whole FFN)")
             raise ValueError(f"moefx.convert: {ffn.name} has {ffn.width} neurons, which do not split into "
                              f"num_experts={r.num_experts} equal experts; {fix}")
