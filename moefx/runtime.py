@@ -57,6 +57,8 @@ def run_batch(run: Callable[[Any], Any], batch: Any, index: int) -> Any:
         with torch.no_grad():
             return run(batch)
     except Exception as error:
+        if isinstance(error, (TypeError, ValueError)) and str(error).startswith("moefx"):  # a call moefx refuses
+            raise ValueError(f"moefx: calibration batch {index}: {error}") from error
         raise ValueError(f"moefx: the model rejected calibration batch {index} ({type(error).__name__}: {error}); "
                          "each batch must be a model input: a tensor, a tuple of positional arguments, or a dict "
                          "of keyword arguments") from error
