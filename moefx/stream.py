@@ -147,6 +147,10 @@ class Source:
 
         self.path = path
         self.config = transformers.AutoConfig.from_pretrained(path)
+        if getattr(self.config, "is_encoder_decoder", False):
+            raise ValueError(f"moefx: {path} holds an encoder-decoder model ({self.config.model_type}), which moefx "
+                             "converts only in memory: load it, moefx.convert(model, calibration=[{'input_ids': ..., "
+                             "'decoder_input_ids': ...}], ...), then moefx.save_pretrained(moe, dst)")
         self.shards = SourceShards(path)
         self.architecture = (getattr(self.config, "architectures", None) or [None])[0]
         self._tokenizer = None
@@ -244,6 +248,9 @@ def _check_destination(dst: str) -> None:
     parent = os.path.dirname(os.path.abspath(dst))
     if not os.path.isdir(parent):
         raise ValueError(f"moefx: the directory {parent} that would hold {dst} does not exist; create it first")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"moefx: cannot write into {parent}, which would hold {dst} (and {os.path.basename(dst)}"
+                         f"{PARTIAL} while converting); pass a DST in a directory you can write to")
 
 
 def layer_stack(model: nn.Module) -> Optional[tuple[str, nn.ModuleList]]:
@@ -269,34 +276,50 @@ def read_calibration(file: str) -> list:
     lists (JSONL ``input_ids``)."""
     if not os.path.isfile(file):
         raise ValueError(f"moefx: calibration file {file} does not exist")
+    jsonl = file.endswith((".jsonl", ".json"))
     samples = []
-    with open(file, encoding="utf-8") as f:
-        if file.endswith((".jsonl", ".json")):
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise ValueError(f"moefx: {file} line {number} is not JSON ({error}); a JSONL calibration file "
-                                     "holds one {\"text\": ...} record per line") from None
-                value = record.get("text", record.get("input_ids")) if isinstance(record, dict) else None
-                if value is None:
-                    raise ValueError(f"moefx: {file} line {number} has no 'text' (or 'input_ids') field; each JSONL "
-                                     "record must hold one")
-                samples.append(value)
-        else:
-            samples = [line.rstrip("\n") for line in f if line.strip()]
+    with open(file, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise ValueError(f"moefx: {file} line {number} is not UTF-8 text ({error.reason} at byte "
+                                 f"{error.start}); save the file as UTF-8 (e.g. iconv -t UTF-8)") from None
+            if line.strip():
+                samples.append(_record(file, number, line) if jsonl else line.rstrip("\r\n"))
     if not samples:
         raise ValueError(f"moefx: calibration file {file} holds no samples")
     return samples
 
 
+def _record(file: str, number: int, line: str) -> Union[str, list[int]]:
+    """The sample of JSONL line ``number``: its ``text`` string or its ``input_ids`` list of token ids."""
+    where = f"moefx: {file} line {number}"
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{where} is not JSON ({error}); a JSONL calibration file holds one {{\"text\": ...}} "
+                         "record per line") from None
+    if not isinstance(record, dict) or ("text" not in record and "input_ids" not in record):
+        raise ValueError(f"{where} has no 'text' (or 'input_ids') field; each JSONL record must hold one")
+    if "text" in record:
+        if not isinstance(record["text"], str):
+            raise ValueError(f"{where}: 'text' is a {type(record['text']).__name__}, not a string; write the "
+                             "sample as {\"text\": \"...\"}")
+        return record["text"]
+    ids = record["input_ids"]
+    if not isinstance(ids, list) or not ids or not all(type(t) is int and t >= 0 for t in ids):
+        raise ValueError(f"{where}: 'input_ids' is not a non-empty list of token ids (integers >= 0); write the "
+                         "sample as {\"input_ids\": [101, 2023, ...]}")
+    return ids
+
+
 def calibration_ids(source: Source, calibration: Union[str, Sequence, None], tokens: int,
-                    sequence_length: int) -> list[Tensor]:
+                    sequence_length: int, fewer: bool = False) -> list[Tensor]:
     """``tokens`` calibration tokens as batches of [sequences, sequence_length] token ids: the samples are
     tokenised, joined (separated by the EOS token) and cut into sequences, each opening with BOS when the
-    tokenizer adds one (no padding anywhere)."""
+    tokenizer adds one (no padding anywhere). Samples giving fewer tokens are refused, or with ``fewer`` all
+    taken (held-out data for ``moefx eval``)."""
     if tokens < 1 or sequence_length < 1:
         raise ValueError(f"moefx: calibration_tokens={tokens} and sequence_length={sequence_length} must be >= 1")
     limit = getattr(source.config, "max_position_embeddings", None)
@@ -329,6 +352,8 @@ def calibration_ids(source: Source, calibration: Union[str, Sequence, None], tok
             stream.append(eos)
         if len(stream) >= needed:
             break
+    if len(stream) < needed and fewer:
+        needed = len(stream)
     if len(stream) < needed:
         raise ValueError(f"moefx: {origin} gives {len(stream):,} tokens; {tokens:,} calibration tokens were asked "
                          "for: add samples, or lower calibration_tokens (--calibration-tokens)")
