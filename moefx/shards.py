@@ -248,9 +248,10 @@ def write_safetensors(file: str, tensors: dict[str, Union[Tensor, Copied]]) -> N
 
 
 def read_shard(file: str) -> dict[str, Tensor]:
-    """Every tensor of one safetensors file."""
+    """Every tensor of one safetensors file (a truncated or malformed one refused by name)."""
     from safetensors.torch import load_file
 
+    read_header(file)
     return load_file(file)
 
 
