@@ -104,6 +104,8 @@ def convert_pretrained(src: str, dst: str, recipe: Optional[Recipe] = None, *,
                     calibration=_fingerprint(ids))
     model = source.meta_model()
     stack = layer_stack(model)
+    if stack is not None:
+        _check_width(source.config, *stack, recipe)
     try:
         if stack is None:
             result = _convert_in_memory(source, partial, recipe, ids, out_dtype, layout, progress)
@@ -125,6 +127,16 @@ def convert_pretrained(src: str, dst: str, recipe: Optional[Recipe] = None, *,
     result.path, result.seconds = dst, time.perf_counter() - start
     result.calibration_tokens = sum(b.numel() for b in ids)
     return result
+
+
+def _check_width(config, stack_name: str, stack: nn.ModuleList, recipe: Recipe) -> None:
+    """The recipe against the FFN width the config states, before any block is read (block 0's conversion
+    checks every FFN it finds); a width no linear layer of block 0 has is not taken for the FFN's."""
+    key = next((k for k in ("intermediate_size", "ffn_dim", "n_inner", "d_ff") if getattr(config, k, None)), None)
+    width = getattr(config, key) if key else None
+    linear = [m for m in stack[0].modules() if isinstance(m, nn.Linear)]
+    if width and any(width in (m.in_features, m.out_features) for m in linear):
+        recipe.check_width(f"{stack_name}.0 ({key}={width})", width)
 
 
 def _discard_if_nothing_written(partial: str) -> None:

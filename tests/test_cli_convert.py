@@ -344,3 +344,39 @@ def test_bad_cli_inputs_get_one_line_errors_before_any_work(llama, tmp_path, cap
     capsys.readouterr()
     assert main(["eval", src, dst, "--data", str(short), "--sequence-length", "32"]) == 0
     assert "held-out tokens (all the data holds; 8,192 asked for)" in capsys.readouterr().out
+
+
+def test_cli_habits_version_choices_one_default_typos_and_an_early_width_check(llama, tmp_path, capsys,
+                                                                                 monkeypatch):
+    import subprocess
+    import sys
+
+    import moefx.stream as stream
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"moefx {moefx.__version__}"
+    with pytest.raises(SystemExit):
+        main(["convert", "--help"])
+    text = capsys.readouterr().out
+    for flag, values in (("--method", "upcycle,split,coactivation,random"), ("--router", "centroid,representative,"),
+                         ("--gating", "unit,softmax,sigmoid")):
+        assert f"{flag} {{{values}" in text, flag
+    options = text.split("\n  -")
+    assert all(o.count("default") <= 1 for o in options), [o for o in options if o.count("default") > 1]
+    with pytest.raises(SystemExit) as done:
+        main(["convert", "a", "b", "--exprts", "4"])
+    assert done.value.code == 2 and "did you mean --experts?" in capsys.readouterr().err
+    # --help and a typo answer without loading Dynamo (torch.compile finds the backend through its entry point)
+    code = "import sys, moefx.cli; print('torch._dynamo' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+    # --experts that the FFN width (128) does not divide: refused before the shell or any block is read
+    src, _ = llama
+
+    def refuse(self):
+        raise AssertionError("the shell was loaded")
+
+    monkeypatch.setattr(stream.Streamer, "load_shell", refuse)
+    assert main(["convert", src, str(tmp_path / "moe"), "--experts", "5", "--quiet"]) == 2
+    assert "128 neurons, which do not split into num_experts=5 equal experts; pick num_experts from" in \
+        capsys.readouterr().err
