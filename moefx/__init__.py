@@ -1,9 +1,9 @@
 """moefx: run dense PyTorch models as Mixture-of-Experts models.
 
 convert (moefx.convert) -> fuse (torch.ops.moefx.moe, moefx.codegen) -> compile
-(torch.compile(backend="moefx")) -> export (moefx.export_onnx).
+(torch.compile(backend="moefx"), found through the torch_dynamo_backends entry point: importing moefx
+does not load Dynamo) -> export (moefx.export_onnx).
 """
-from moefx.compile import backend  # noqa: F401  (registers torch.compile(backend="moefx"))
 from moefx.convert import ConversionReport, LayerOrigin, convert
 from moefx.recipe import Recipe
 from moefx.checkpoint import load_pretrained, save_pretrained

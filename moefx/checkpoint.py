@@ -40,7 +40,7 @@ from moefx.convert.rewrite import MoEFFN
 from moefx.layer import MoELayer
 from moefx.recipe import Recipe
 from moefx.runtime import call_model
-from moefx.shards import INDEX, MOEFX_INDEX, shard_files
+from moefx.shards import INDEX, MOEFX_INDEX, MOEFX_PREFIX, read_header, read_shard, shard_files
 
 WEIGHTS, RECIPE, EXAMPLE = "moefx_model.safetensors", "moefx.json", "moefx_example.safetensors"
 FILES = "moefx_files.json"  # the files moefx wrote into a checkpoint directory
@@ -141,7 +141,7 @@ def load_pretrained(path: str, model: Optional[nn.Module] = None) -> nn.Module:
     """Load what ``save_pretrained`` wrote. ``model``: the dense model to convert (any weights; they are
     replaced); default: built from the saved transformers config with ``AutoModel``'s class of the
     same name (or ``AutoModel``)."""
-    from safetensors.torch import load_file, load_model
+    from safetensors.torch import load_model
 
     if not os.path.exists(os.path.join(path, RECIPE)):
         raise ValueError(f"moefx.load_pretrained: {path} has no {RECIPE}; a checkpoint saved with layout='mixtral', "
@@ -151,33 +151,42 @@ def load_pretrained(path: str, model: Optional[nn.Module] = None) -> nn.Module:
     built = model is None
     if built:
         model = _dense_from_config(path, meta["model_class"])
-    stored = load_file(os.path.join(path, EXAMPLE))
+    stored = read_shard(os.path.join(path, EXAMPLE))
     items = {**stored, **meta["example_constants"]}
-    if meta["example_kind"] == "dict":
+    kind = meta["example_kind"]
+    positions = [str(i) for i in range(len(items))]
+    if kind not in ("dict", "tuple", "tensor") or (kind != "dict" and sorted(items) != positions) or (
+            kind == "tensor" and len(items) != 1):
+        raise ValueError(f"moefx.load_pretrained: {os.path.join(path, RECIPE)}: example_kind {kind!r} does not match "
+                         f"the stored example ({sorted(items)}) (edited?); save the converted model again")
+    if kind == "dict":
         example: Any = items
     else:
-        ordered = [items[str(i)] for i in range(len(items))]
-        example = ordered if meta["example_kind"] == "tuple" else ordered[0]
+        ordered = [items[p] for p in positions]
+        example = ordered if kind == "tuple" else ordered[0]
     if built and meta.get("dtype"):
         model = model.to(getattr(torch, meta["dtype"]))  # the saved dtype, not the config's default
     moe = rebuild(model, example, Recipe.from_dict(meta["recipe"], source=os.path.join(path, RECIPE)), inplace=built)
     if any(os.path.exists(os.path.join(path, index)) for index in (MOEFX_INDEX, INDEX)):
         _load_shards(moe, path)
     else:
-        weights = os.path.join(path, WEIGHTS)
-        load_model(moe, weights if os.path.exists(weights) else os.path.join(path, LEGACY_WEIGHTS), strict=True)
+        weights = next((os.path.join(path, w) for w in (WEIGHTS, LEGACY_WEIGHTS)
+                        if os.path.exists(os.path.join(path, w))), None)
+        if weights is None:
+            raise ValueError(f"moefx.load_pretrained: {path} has no weights: {WEIGHTS} is not there (nor shards "
+                             f"with {MOEFX_INDEX}); copy the whole checkpoint directory, or save it again")
+        read_header(weights)  # a truncated file is named
+        load_model(moe, weights, strict=True)
     return moe
 
 
 def _load_shards(moe: nn.Module, path: str) -> None:
     """Load a sharded checkpoint (``moefx convert`` writes one shard per block) strictly, one shard at a time;
     a tensor tied to another (a tied LM head) is stored once."""
-    from safetensors.torch import load_file
-
     expected = moe.state_dict()
     loaded: set[str] = set()
     for file in shard_files(path):
-        state = load_file(file)
+        state = read_shard(file)
         unexpected = moe.load_state_dict(state, strict=False).unexpected_keys
         if unexpected:
             raise ValueError(f"moefx.load_pretrained: {file} holds {unexpected[0]}, which the rebuilt model lacks; "

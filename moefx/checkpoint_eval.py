@@ -37,14 +37,17 @@ class CheckpointQuality:
     embedding_cosine: Optional[float] = None
     layers: Optional[QualityReport] = None
     blocks: Optional[list[tuple[str, float, float]]] = None  # streamed: (block, output error, experts/token)
+    asked: int = 0  # tokens asked for; the data held only ``tokens`` when fewer
 
     def __str__(self) -> str:
+        on = f"on {self.tokens:,} held-out tokens" + (f" (all the data holds; {self.asked:,} asked for)"
+                                                      if self.asked > self.tokens else "")
         if self.causal:
-            head = [f"on {self.tokens:,} held-out tokens: perplexity dense {self.dense_perplexity:.3f}, MoE "
+            head = [f"{on}: perplexity dense {self.dense_perplexity:.3f}, MoE "
                     f"{self.moe_perplexity:.3f} ({self.moe_perplexity / self.dense_perplexity - 1:+.1%}); top-1 "
                     f"next-token agreement {self.top1_agreement:.1%}"]
         else:
-            head = [f"on {self.tokens:,} held-out tokens: token-embedding cosine to the dense model "
+            head = [f"{on}: token-embedding cosine to the dense model "
                     f"{self.embedding_cosine:.4f}"]
         if self.blocks is not None:
             head += ["evaluated block by block; per block, the relative error of its output (earlier blocks' errors "
@@ -66,23 +69,24 @@ def evaluate_pretrained(src: str, dst: str, data: Union[str, Sequence[str], None
     from moefx.checkpoint import RECIPE, load_pretrained
 
     source = Source(src)
+    _check_converted_from(source, dst)
     if data is None:
         from moefx.data import python_doc_sentences
 
         data = python_doc_sentences(250, offset=1500)
-    ids = calibration_ids(source, data, tokens, sequence_length)
-    if not os.path.isdir(dst):
-        raise ValueError(f"moefx eval: {dst} is not a directory; pass the directory moefx convert wrote")
+    ids = calibration_ids(source, data, tokens, sequence_length, fewer=True)
     if os.path.exists(os.path.join(dst, RECIPE)) and not in_memory and plot is None:
         streamed = _evaluate_streamed(source, dst, ids)
         if streamed is not None:
+            streamed.asked = tokens
             return streamed
     batches = [{"input_ids": b, "attention_mask": torch.ones_like(b)} for b in ids]
     dense = source.model_class().from_pretrained(src, dtype=torch.float32).eval()
     moefx_layout = os.path.exists(os.path.join(dst, RECIPE))
     moe = (load_pretrained(dst) if moefx_layout else
            transformers.AutoModelForCausalLM.from_pretrained(dst, dtype=torch.float32)).float().eval()
-    result = CheckpointQuality(tokens=sum(b["input_ids"].numel() for b in batches), causal=source.causal_lm)
+    result = CheckpointQuality(tokens=sum(b["input_ids"].numel() for b in batches), causal=source.causal_lm,
+                               asked=tokens)
     nll = {"dense": 0.0, "moe": 0.0}
     agree = cosine = 0.0
     predicted = 0
@@ -109,6 +113,25 @@ def evaluate_pretrained(src: str, dst: str, data: Union[str, Sequence[str], None
     if moefx_layout:
         result.layers = evaluate(dense, moe, batches, plot=plot)
     return result
+
+
+def _check_converted_from(source: Source, dst: str) -> None:
+    """Refuse a ``dst`` that is no checkpoint, or whose config shows another model than ``source``'s."""
+    import transformers
+
+    from moefx.checkpoint import RECIPE
+
+    if not os.path.isfile(os.path.join(dst, "config.json")):
+        raise ValueError(f"moefx eval: {dst} is not a checkpoint directory (no config.json); pass the directory "
+                         "moefx convert wrote")
+    config = transformers.AutoConfig.from_pretrained(dst)
+    keys = ("model_type",) * os.path.exists(os.path.join(dst, RECIPE)) + ("vocab_size", "hidden_size",
+                                                                          "num_hidden_layers")
+    for key in keys:
+        theirs, ours = getattr(config, key, None), getattr(source.config, key, None)
+        if theirs is not None and ours is not None and theirs != ours:
+            raise ValueError(f"moefx eval: {dst} was not converted from {source.path} ({key} {theirs!r} there, "
+                             f"{ours!r} in SRC); pass as SRC the dense model that DST was converted from")
 
 
 def _evaluate_streamed(source: Source, dst: str, ids: list) -> Optional[CheckpointQuality]:

@@ -1,8 +1,10 @@
-"""The ``moefx`` command line."""
+"""The ``moefx`` command line. Each command imports what it runs only once its arguments parse, so
+``--help``, ``--version`` and a mistyped flag answer without loading the conversion stack."""
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import json
 import os
 import sys
@@ -31,19 +33,22 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
                         "(default 512)")
     parser.add_argument("--dtype", choices=tuple(DTYPES), help="dtype of the written weights (default: SRC's)")
     parser.add_argument("--layout", choices=LAYOUTS, default="moefx", help="'moefx' (moefx.load_pretrained) or a "
-                        "transformers MoE layout (AutoModelForCausalLM.from_pretrained)")
+                        "transformers MoE layout (AutoModelForCausalLM.from_pretrained) (default: moefx)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    options = parser.add_argument_group("recipe options (moefx.Recipe; default: the recipe file, else Recipe's)")
+    options = parser.add_argument_group("recipe options (moefx.Recipe; a flag overrides the recipe file, which "
+                                        "overrides the default shown)")
     hints = typing.get_type_hints(Recipe)
     for f in dataclasses.fields(Recipe):
         flags = ["--" + f.name.replace("_", "-"), *ALIASES.get(f.name, [])]
-        text = f.metadata["help"].replace("%", "%%") + f" (Recipe default: {f.default})"
+        text = f.metadata["help"].replace("%", "%%")
+        text += "" if "default" in text else f" (default: {'unset' if f.default is None else f.default})"
         kind = next((a for a in typing.get_args(hints[f.name]) if a is not type(None)), hints[f.name])  # Optional[X]
+        choices = f.metadata["choices"] and (*f.metadata["choices"], *("none",) * (f.default is None))
         if kind is bool:
             options.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
             options.add_argument(*flags, dest=f.name, type=kind if kind in (int, float) else str, default=None,
-                                 help=text)
+                                 choices=choices, help=text)
     return parser
 
 
@@ -94,8 +99,22 @@ def run_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse(parser: argparse.ArgumentParser, commands, argv: list[str] | None) -> argparse.Namespace:
+    """``parser.parse_args(argv)``, an unknown flag answered with the nearest one of its command."""
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        command = commands.choices.get(getattr(args, "command", None), parser)
+        flags = [flag for action in command._actions for flag in action.option_strings]
+        near = difflib.get_close_matches(unknown[0].split("=")[0], flags, n=1)
+        command.error(f"unrecognized arguments: {' '.join(unknown)}" + (f"; did you mean {near[0]}?" if near else ""))
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
+    from moefx import __version__
+
     parser = argparse.ArgumentParser(prog="moefx", description="Run dense PyTorch models as Mixture-of-Experts")
+    parser.add_argument("--version", action="version", version=f"moefx {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="convert all-MiniLM-L6-v2 with each method and compare embeddings")
     demo.add_argument("--sentences", type=int, default=300, help="held-out sentences to compare on")
@@ -126,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         description="Convert the transformers model in SRC into an MoE model written to DST, one block at a time "
                     "(memory: one block plus the calibration activations). Recipe options come from --recipe FILE "
                     "(JSON or YAML), then from the flags."))
-    args = parser.parse_args(argv)
+    args = parse(parser, commands, argv)
     if args.command == "convert":
         return run_convert(args)
     if args.command == "demo":

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from moefx.evaluation.language import NextTokenQuality, logits_of, scored_ids
 from moefx.layer import MoELayer
-from moefx.runtime import call_model, hooks, output_tensor
+from moefx.runtime import call_model, hooks, output_tensor, read_batches
 from moefx.fit.routers import oracle_scores
 
 
@@ -90,7 +90,7 @@ def evaluate(dense: nn.Module, moe: nn.Module, data: Iterable[Any], plot: Option
                         tokens=0, load=None) for o in origins}
     cosines = []
     language = NextTokenQuality()
-    for batch in data:
+    for batch in read_batches(data, "moefx.evaluate", "data"):
         dense_in, dense_out, dense_result = _record(dense, {o.moe: o.dense_inputs[0] for o in origins},
                                                     {o.moe: o.dense_output for o in origins}, batch)
         moe_layers = {o.moe: o.moe for o in origins}

@@ -20,8 +20,8 @@ GATINGS = ("unit", "softmax", "sigmoid")
 PREGATES = ("block",)
 
 
-def _option(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
+def _option(default: Any, help: str, choices: Optional[tuple] = None) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices})
 
 
 @dataclass(frozen=True)
@@ -34,13 +34,16 @@ class Recipe:
                                          "(default 2, or what active= asks for)")
     method: str = _option("split", "'split' (MoEfication: balanced k-means on W_in rows), 'coactivation' (neurons "
                                    "clustered by activation pattern on the calibration data), 'random' "
-                                   "(MoEfication's baseline), or 'upcycle' (copies of the FFN; sparse upcycling)")
+                                   "(MoEfication's baseline), or 'upcycle' (copies of the FFN; sparse upcycling)",
+                                   choices=METHODS)
     num_shared: int = _option(0, "always-active experts made of the most important neurons (DeepSeekMoE, CMoE)")
     importance: str = _option("activation", "what puts a neuron in a shared expert: 'activation' (how often it "
-                                            "fires, CMoE) or 'taylor' (sum of |dL/dh * h|, Dense2MoE / LLaMA-MoE)")
+                                            "fires, CMoE) or 'taylor' (sum of |dL/dh * h|, Dense2MoE / LLaMA-MoE)",
+                                            choices=IMPORTANCES)
     router: str = _option("centroid", "how carved experts are scored: 'centroid' (mean W_in row of the expert's "
                                       "neurons), 'representative' (CMoE), 'least_squares' (closed-form ridge "
-                                      "regression of the oracle's choice) or 'distilled' (the same target, Adam)")
+                                      "regression of the oracle's choice) or 'distilled' (the same target, Adam)",
+                                      choices=tuple(ROUTERS))
     compensate: bool = _option(False, "give every expert its mean output over the tokens that skip it as a bias")
     refit: bool = _option(False, "closed-form ridge least-squares fit of the experts' output weights and biases to "
                                  "the dense FFN's output under the final routing")
@@ -49,7 +52,8 @@ class Recipe:
                                   "serving engines compute), with the output weights refit under those gates (needs a "
                                   "fitted router and refit=True). With top_k = the routed experts every combination is "
                                   "exact: the router is zeroed, so all gates are equal (1/E, or 1/2 for unrenormalised "
-                                  "sigmoid), and the output weights are divided by that gate")
+                                  "sigmoid), and the output weights are divided by that gate",
+                                  choices=GATINGS)
     renormalize: bool = _option(False, "gating='softmax' | 'sigmoid': divide the top_k gates by their sum (Mixtral, "
                                        "norm_topk_prob=True)")
     biases: bool = _option(True, "False: router fit and refit add no bias terms (router, expert-output and layer "
@@ -66,7 +70,8 @@ class Recipe:
     num_copy: int = _option(0, "copy experts (MoE++): output x")
     num_const: int = _option(0, "constant experts (MoE++): output a learned vector")
     pregate: Optional[str] = _option(None, "'block': Read-ME pre-gating, each layer routed from the input of its "
-                                           "transformer block")
+                                           "transformer block",
+                                           choices=PREGATES)
     distill_steps: int = _option(0, "end-to-end distillation steps against the dense model after the "
                                     "training-free stages (moefx.distill)")
     sample_tokens: int = _option(2048, "hidden-activation rows kept per FFN for co-activation clustering")
@@ -233,6 +238,18 @@ class Recipe:
     @property
     def fitted_router(self) -> bool:
         return self.router in FITTED_ROUTERS
+
+    def check_width(self, name: str, width: int) -> None:
+        """Refuse FFN ``name`` of ``width`` neurons if this recipe's experts do not split it evenly."""
+        if self.upcycle and width % self.granularity:
+            fail(f"{name} has {width} neurons, which do not split into granularity={self.granularity} equal shards")
+        if not self.upcycle and width % self.num_experts:
+            divisors = [d for d in range(2, min(width, 128) + 1) if width % d == 0]
+            fix = (f"pick num_experts from {divisors}" if divisors else
+                   f"{width} has no divisor from 2 to 128, so no carving splits it evenly; convert with "
+                   "method='upcycle' (each expert a copy of the whole FFN)")
+            fail(f"{name} has {width} neurons, which do not split into num_experts={self.num_experts} equal "
+                 f"experts; {fix}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

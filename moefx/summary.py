@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from moefx.layer import MoELayer
-from moefx.runtime import call_model, hooks
+from moefx.runtime import call_model, hooks, read_batches
 
 
 @dataclass
@@ -133,13 +133,9 @@ def _count_routed_experts(model: nn.Module, layers: dict[str, MoELayer], data: I
 
     registrations = [lambda m=m, name=name: m.register_forward_pre_hook(
         lambda mod, a, kw: hook(mod, a, kw, name), with_kwargs=True) for name, m in layers.items()]
-    batches = 0
+    batches = read_batches(data, "moefx.summary", "data", " or leave data out for the static top_k")
     with hooks(*registrations), torch.no_grad():
-        for batch in data:
+        for batch in batches:
             call_model(model, batch)
-            batches += 1
-    if not batches:
-        raise ValueError("moefx.summary: data is empty; pass model inputs (like the calibration batches) or leave "
-                         "data out for the static top_k")
     seen = {name: tuple(c) for name, c in counts.items() if c[1]}
     return seen, next(iter(seen.values()))[1] if seen else 0

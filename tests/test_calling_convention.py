@@ -195,3 +195,20 @@ def test_code_between_a_span_swapped_ffns_activation_and_output_that_calibration
     assert relative_error(moe(x), model(x)) <= 1e-5
     with pytest.raises(ValueError, match=r"ran code between fc1.s activation and fc2 that did not run on the"):
         moe(x, mask)
+
+
+def test_raw_tokenizer_outputs_are_batches_for_convert_distill_evaluate_and_summary():
+    """A tokenizer returns a BatchEncoding (a Mapping, not a dict): every API that runs the model on data reads
+    it through the same reader as convert's calibration, and one batch passed bare is refused by name."""
+    from transformers import BatchEncoding
+
+    model = _bert()
+    data = [BatchEncoding(_tokens(2, 6)), BatchEncoding(_tokens(3, 7, pad=2))]
+    moe = moefx.convert(model, num_experts=4, top_k=2, calibration=data, progress=False)
+    assert moefx.summary(moe, data=data).tokens > 0
+    assert moefx.evaluate(model, moe, data).layers
+    moefx.distill(moe, model, data, steps=2)
+    for call in (lambda: moefx.summary(moe, data=data[0]), lambda: moefx.evaluate(model, moe, data[0]),
+                 lambda: moefx.distill(moe, model, data[0], steps=1)):
+        with pytest.raises(ValueError, match="one BatchEncoding \\(a single batch\\)"):
+            call()

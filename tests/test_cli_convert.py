@@ -357,3 +357,100 @@ def test_streamed_eval_perplexity_applies_the_models_own_head(tmp_path, name):
     assert abs(streamed.dense_perplexity / whole.dense_perplexity - 1) < 1e-5
     assert abs(streamed.moe_perplexity / whole.moe_perplexity - 1) < 1e-5
     assert streamed.top1_agreement == whole.top1_agreement
+
+
+def _refused(capsys, argv, *messages):
+    """``moefx ...`` exits 2 with one line naming the problem, no traceback."""
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and all(m in err for m in messages), err
+
+
+def test_bad_cli_inputs_get_one_line_errors_before_any_work(llama, tmp_path, capsys, monkeypatch):
+    src, _ = llama
+    quick = ["--experts", "4", "--top-k", "2", "--calibration-tokens", "64", "--sequence-length", "32", "--quiet"]
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("good line\ncaf\xe9 au lait\n".encode("latin-1"))
+    _refused(capsys, ["convert", src, str(tmp_path / "a"), "--calibration", str(latin), *quick],
+             f"{latin} line 2 is not UTF-8 text")
+    for record, message in (({"text": 5}, "line 2: 'text' is a int, not a string"),
+                            ({"input_ids": [3, "x"]}, "line 2: 'input_ids' is not a non-empty list of token ids"),
+                            ({"input_ids": [3, -1]}, "line 2: 'input_ids' is not a non-empty list of token ids")):
+        data = tmp_path / "data.jsonl"
+        data.write_text(json.dumps({"text": "fine"}) + "\n" + json.dumps(record) + "\n")
+        _refused(capsys, ["convert", src, str(tmp_path / "a"), "--calibration", str(data), *quick], message)
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: path != str(tmp_path / "ro") and access(path, mode))
+    (tmp_path / "ro").mkdir()
+    _refused(capsys, ["convert", src, str(tmp_path / "ro" / "moe"), *quick], f"cannot write into {tmp_path / 'ro'}")
+    monkeypatch.undo()
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    BartForConditionalGeneration(BartConfig(d_model=16, encoder_layers=1, decoder_layers=1, encoder_ffn_dim=32,
+                                            decoder_ffn_dim=32, encoder_attention_heads=2, decoder_attention_heads=2,
+                                            vocab_size=50)).save_pretrained(tmp_path / "bart")
+    _refused(capsys, ["convert", str(tmp_path / "bart"), str(tmp_path / "a"), *quick],
+             "holds an encoder-decoder model (bart), which moefx converts only in memory")
+    for cut, message in ((lambda b: b[:-100], "lies at bytes"),
+                         (lambda b: (10**9).to_bytes(8, "little") + b[8:], "its header is 1,000,000,000 bytes long")):
+        broken = tmp_path / "broken"
+        if broken.exists():
+            import shutil
+
+            shutil.rmtree(broken)
+        llama_checkpoint(str(broken), layers=2)
+        shard = sorted(broken.glob("model-*.safetensors"))[1]
+        shard.write_bytes(cut(shard.read_bytes()))
+        _refused(capsys, ["convert", str(broken), str(tmp_path / "a"), *quick],
+                 f"moefx: {shard} is truncated or not a safetensors file: ", message)
+    assert not any(p.name.startswith("a") for p in tmp_path.iterdir())
+    # moefx eval: DST converted from another model; --data with fewer tokens than --tokens
+    dst = str(tmp_path / "moe")
+    assert main(["convert", src, dst, *quick]) == 0
+    _refused(capsys, ["eval", str(broken.parent / "bart"), dst], "holds an encoder-decoder model")
+    other = str(tmp_path / "other")
+    llama_checkpoint(other, layers=2)
+    _refused(capsys, ["eval", other, dst], f"{dst} was not converted from {other} (num_hidden_layers 3 there, 2 in "
+                                           "SRC)")
+    short = tmp_path / "short.txt"
+    short.write_text("A few held-out words.\nAnd a second line of them.\n")
+    capsys.readouterr()
+    assert main(["eval", src, dst, "--data", str(short), "--sequence-length", "32"]) == 0
+    assert "held-out tokens (all the data holds; 8,192 asked for)" in capsys.readouterr().out
+
+
+def test_cli_habits_version_choices_one_default_typos_and_an_early_width_check(llama, tmp_path, capsys,
+                                                                                 monkeypatch):
+    import subprocess
+    import sys
+
+    import moefx.stream as stream
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"moefx {moefx.__version__}"
+    with pytest.raises(SystemExit):
+        main(["convert", "--help"])
+    text = capsys.readouterr().out
+    for flag, values in (("--method", "upcycle,split,coactivation,random"), ("--router", "centroid,representative,"),
+                         ("--gating", "unit,softmax,sigmoid")):
+        assert f"{flag} {{{values}" in text, flag
+    options = text.split("\n  -")
+    assert all(o.count("default") <= 1 for o in options), [o for o in options if o.count("default") > 1]
+    with pytest.raises(SystemExit) as done:
+        main(["convert", "a", "b", "--exprts", "4"])
+    assert done.value.code == 2 and "did you mean --experts?" in capsys.readouterr().err
+    # --help and a typo answer without loading Dynamo (torch.compile finds the backend through its entry point)
+    code = "import sys, moefx.cli; print('torch._dynamo' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+    # --experts that the FFN width (128) does not divide: refused before the shell or any block is read
+    src, _ = llama
+
+    def refuse(self):
+        raise AssertionError("the shell was loaded")
+
+    monkeypatch.setattr(stream.Streamer, "load_shell", refuse)
+    assert main(["convert", src, str(tmp_path / "moe"), "--experts", "5", "--quiet"]) == 2
+    assert "128 neurons, which do not split into num_experts=5 equal experts; pick num_experts from" in \
+        capsys.readouterr().err

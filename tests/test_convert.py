@@ -230,8 +230,16 @@ def test_bad_models_and_widths_name_the_problem_and_the_fix():
     with pytest.raises(ValueError, match="0.weight is on the meta device.*load the weights first"):
         moefx.convert(meta, calibration=[torch.randn(2, 8)], progress=False)
     prime = torch.nn.Sequential(torch.nn.Linear(8, 131), torch.nn.ReLU(), torch.nn.Linear(131, 8))
-    with pytest.raises(ValueError, match="131 has no divisor up to 128.*method='upcycle'"):
+    with pytest.raises(ValueError, match="131 has no divisor from 2 to 128.*method='upcycle'"):
         moefx.convert(prime, num_experts=4, top_k=2, calibration=[torch.randn(2, 8)], progress=False)
+    thirteen = torch.nn.Sequential(torch.nn.Linear(8, 13), torch.nn.ReLU(), torch.nn.Linear(13, 8))
+    with pytest.raises(ValueError, match=_literal("pick num_experts from [13]")):  # 13 experts of one neuron work
+        moefx.convert(thirteen, num_experts=4, top_k=2, calibration=[torch.randn(2, 8)], progress=False)
+    broken = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
+    with torch.no_grad():
+        broken[2].weight[3, 5] = math.nan
+    with pytest.raises(ValueError, match=r"2.weight holds NaN or inf.*load the weights again"):
+        moefx.convert(broken, num_experts=4, top_k=2, calibration=[torch.randn(2, 8)], progress=False)
     model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
     with pytest.raises((TypeError, ValueError), match="num_experts"):
         moefx.convert(model, num_experts=4.0, top_k=2, calibration=[torch.randn(2, 8)], progress=False)
@@ -265,6 +273,8 @@ def test_activations_are_told_apart_far_outside_where_they_differ():
         assert relative_error(moe(x), model(x)) <= 1e-5
     with pytest.raises(ValueError, match="found no dense FFN"):  # a clamp is no ReLU, even if it agrees on [-8, 8]
         moefx.convert(Act(lambda h: torch.clamp(h, 0, 10)), num_experts=4, top_k=4, calibration=[x], progress=False)
+    with pytest.raises(ValueError, match="found no dense FFN"):  # nor one that clips far beyond 1e4 (fp16's range)
+        moefx.convert(Act(lambda h: torch.clamp(h, 0, 6e4)), num_experts=4, top_k=4, calibration=[x], progress=False)
 
 
 def test_untraceable_modules_are_reported_only_when_they_hold_an_ffn():

@@ -8,8 +8,8 @@ An ``L`` is any childless module that computes an affine map of its input; ``act
 element-wise node (module, function or method) that computes one of the contract's
 activations. Both are recognised by what they compute on a probe input, not by names, so
 ``nn.Linear``, GPT-2's ``Conv1D``, ``nn.GELU``, HF's ``NewGELUActivation`` and ``F.silu`` all match.
-The activation probe reaches far beyond where activations differ (to +-1e4), so that a clamp or
-a saturating function is not taken for ReLU or GELU.
+The activation probe reaches far beyond where activations differ (to +-3e38, fp32's range), so that
+a clamp or a saturating function is not taken for ReLU or GELU.
 """
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ def affine_map(module: nn.Module) -> Optional[tuple[Tensor, Optional[Tensor]]]:
 @functools.cache
 def _probe() -> Tensor:
     """[1, 1, N] values: three axes, so a node that only reshapes (squeeze, view) shows by its shape."""
-    far = torch.tensor([12.0, 20.0, 30.0, 50.0, 100.0, 300.0, 1e3, 1e4])
+    far = torch.tensor([12.0, 20.0, 30.0, 50.0, 100.0, 300.0, 1e3, 1e4, 1e6, 1e10, 1e20, 1e30, 3e38])
     return torch.cat([-far.flip(0), torch.linspace(-8, 8, 4001), far]).reshape(1, 1, -1)
 
 

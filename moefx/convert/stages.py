@@ -215,18 +215,8 @@ def check_found(c: Conversion) -> None:
                          + (f" ({', '.join(affine[:6])}{', ...' if len(affine) > 6 else ''})" if affine else "")
                          + ". " + ("; ".join(c.report.skipped) + ". " if c.report.skipped else "")
                          + f"moefx converts FFNs whose activation is one of {', '.join(ACTIVATIONS)}")
-    r = c.recipe
     for ffn in ffns:
-        if r.upcycle and ffn.width % r.granularity:
-            raise ValueError(f"moefx.convert: {ffn.name} has {ffn.width} neurons, which do not split into "
-                             f"granularity={r.granularity} equal shards")
-        if not r.upcycle and ffn.width % r.num_experts:
-            divisors = [d for d in range(2, min(ffn.width, 129)) if ffn.width % d == 0]
-            fix = (f"pick num_experts from {divisors}" if divisors else
-                   f"{ffn.width} has no divisor up to 128, so no carving splits it evenly; convert with "
-                   "method='upcycle' (each expert a copy of the whole FFN)")
-            raise ValueError(f"moefx.convert: {ffn.name} has {ffn.width} neurons, which do not split into "
-                             f"num_experts={r.num_experts} equal experts; {fix}")
+        c.recipe.check_width(ffn.name, ffn.width)
 
 
 def collect_statistics(c: Conversion) -> None:

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from moefx.evaluation.language import logits_of
 from moefx.layer import MoELayer
-from moefx.runtime import call_model, hooks, output_tensor, token_mask
+from moefx.runtime import call_model, hooks, output_tensor, read_batches, token_mask
 
 
 @dataclass
@@ -148,9 +148,7 @@ def distill(moe: nn.Module, dense: nn.Module, data: Iterable[Any], *, steps: int
     never ends worse on them than it started. Training stops after ``steps``, after ``max_seconds``,
     or after ``patience`` measurements without improvement. ``experts=False`` trains the routers only.
     Returns a ``DistillReport`` with the held-out curve."""
-    batches = list(data)
-    if not batches:
-        raise ValueError("moefx.distill: data is empty; pass the calibration batches (model inputs)")
+    batches = read_batches(data, "moefx.distill", "data")
     targets = teacher_outputs(lambda b: call_model(dense, b), batches)
     return train_moe_layers(moe, lambda b: call_model(moe, b), batches, targets, steps=steps, lr=lr, balance=balance,
                             experts=experts, seed=seed, progress=progress, schedule=schedule, held_out=held_out,
