@@ -14,7 +14,7 @@ Two bound rows per active share: ``oracle routing`` (the best recipe's experts, 
 experts of largest true output norm) and ``neuron top-k`` (the dense FFN keeping the same share of neurons,
 per token, by |h| * ||W_out column||), so a gap shows whether the router or the carving loses the quality.
 
-    PYTHONPATH=. python bench/bench_llm.py --wikitext wikitext-test.txt [--rows NAME ...] [--windows 16]
+    PYTHONPATH=. python bench/bench_llm.py --wikitext wikitext-test.txt [--rows 0 1 ...] [--windows 16]
 
 CI cannot download the model: ``tests/test_bench_llm.py`` runs these functions on a small random Llama.
 """
@@ -140,9 +140,11 @@ def score(name: str, active: float, dense, moe, held_out: list[dict], report: bo
 
 
 def recipe_row(name: str, src: str, dense, calibration, held_out: list[dict], tokens: int, options: dict,
-               work: str, bounds: bool = False) -> list[Row]:
+               work: str, bounds: bool = False, recovery: Optional[list[dict]] = None,
+               recovery_seconds: float = 600.0) -> list[Row]:
     """Convert ``src`` with ``options`` and score it; with ``bounds`` also its oracle-routing row and the
-    neuron-level top-k row at the same active share."""
+    neuron-level top-k row at the same active share; with ``recovery`` (training batches) also the row after
+    ``moefx.distill`` (next-token KL against the dense model, ``recovery_seconds`` of it, best held-out state)."""
     dst = os.path.join(work, name.replace(" ", "_"))
     seconds, rss = convert_measured(src, dst, calibration, tokens, options)
     moe = moefx.load_pretrained(dst).float().eval()
@@ -157,6 +159,13 @@ def recipe_row(name: str, src: str, dense, calibration, held_out: list[dict], to
         with neuron_top_k(dense, outputs, active) as pruned:
             dense_copy = _frozen_logits(dense, held_out)
             rows.append(_row_from_logits(f"neuron top-k", active, dense_copy, pruned, held_out))
+    if recovery is not None:
+        start = time.perf_counter()
+        report = moefx.distill(moe, dense, recovery, steps=100_000, lr=1e-4, max_seconds=recovery_seconds,
+                               eval_every=10, progress=False)
+        recovered = score(f"{name} + recovery ({report.steps} steps)", active, dense, moe, held_out)
+        recovered.seconds = seconds + time.perf_counter() - start
+        rows.append(recovered)
     shutil.rmtree(dst, ignore_errors=True)
     return rows
 
@@ -177,9 +186,18 @@ def _row_from_logits(name: str, active: float, reference: list, model, batches: 
     return Row(name, active, quality.dense_perplexity, quality.moe_perplexity, quality.top1_agreement, quality.kl)
 
 
-# name -> convert options; each row is compared at the active share it names
+# name -> convert options; "calibration": "python-docs" calibrates on the second domain (cross-domain rows)
 RECIPES = {
-    "50% defaults before issue 22 (split, centroid, 8 experts)": dict(num_experts=8, top_k=4, method="split"),
+    "50%: split, centroid router, 8 experts (the defaults before issue 22)": dict(num_experts=8, top_k=4),
+    "50%: 64 experts, 16 shared, co-activation, least-squares router, refit": dict(
+        num_experts=64, num_shared=16, active=0.5, method="coactivation", router="least_squares", refit=True),
+    "25%: 64 experts, 8 shared, co-activation, least-squares router, refit": dict(
+        num_experts=64, num_shared=8, active=0.25, method="coactivation", router="least_squares", refit=True),
+    "75%: 64 experts, 24 shared, co-activation, least-squares router, refit": dict(
+        num_experts=64, num_shared=24, active=0.75, method="coactivation", router="least_squares", refit=True),
+    "50% cross-domain (calibrated on Python docs): 64 experts, 16 shared, co-activation, least-squares, refit": dict(
+        num_experts=64, num_shared=16, active=0.5, method="coactivation", router="least_squares", refit=True,
+        calibration="python-docs"),
 }
 
 
@@ -188,12 +206,15 @@ def main() -> None:
     parser.add_argument("--wikitext", default=os.environ.get("MOEFX_WIKITEXT", "wikitext-test.txt"))
     parser.add_argument("--cache", default=os.path.expanduser("~/.cache/moefx/smollm2-135m"))
     parser.add_argument("--work", default="/tmp/moefx-bench-llm")
-    parser.add_argument("--rows", nargs="*", default=list(RECIPES), help="recipe rows to run (names of RECIPES)")
-    parser.add_argument("--bounds", nargs="*", default=[], help="rows that also get the oracle and neuron rows")
+    parser.add_argument("--rows", nargs="*", type=int, default=list(range(len(RECIPES))),
+                        help="recipe rows to run (positions in RECIPES, from 0)")
+    parser.add_argument("--bounds", nargs="*", type=int, default=[1], help="rows that also get the oracle and "
+                        "neuron-level rows")
+    parser.add_argument("--recover", nargs="*", type=int, default=[1, 2], help="rows that also get a recovery row")
+    parser.add_argument("--recovery-seconds", type=float, default=600.0)
     parser.add_argument("--windows", type=int, default=16, help="held-out windows of --length tokens")
     parser.add_argument("--length", type=int, default=512)
     parser.add_argument("--calibration-tokens", type=int, default=16384)
-    parser.add_argument("--cross-domain", action="store_true", help="calibrate on Python's documentation instead")
     args = parser.parse_args()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -201,18 +222,24 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(src)
     articles = wikitext_articles(args.wikitext)
     calibration = articles[:len(articles) // 2]
-    if args.cross_domain:
-        from moefx.data import python_doc_sentences
-        calibration = python_doc_sentences(1750)
+    from moefx.data import python_doc_sentences
+
     held_out = windows(tokenizer, articles[len(articles) // 2:], args.windows, args.length)
+    # recovery trains on 256-token windows of the calibration articles (never the held-out ones)
+    recovery = [{"input_ids": torch.cat([b["input_ids"] for b in pair])}
+                for pair in zip(*[iter(windows(tokenizer, calibration, 40, 256))] * 2)]
     dense = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
-    print(f"SmolLM2-135M-Instruct, calibrated on {'Python documentation' if args.cross_domain else 'WikiText-2'} "
-          f"({args.calibration_tokens} tokens), scored on {args.windows} x {args.length} held-out WikiText-2 tokens; "
+    print(f"SmolLM2-135M-Instruct, calibrated on WikiText-2 ({args.calibration_tokens} tokens), scored on {args.windows} x {args.length} held-out WikiText-2 tokens; "
           f"load average {os.getloadavg()[0]:.1f}, torch {torch.__version__}, {os.cpu_count()} CPUs")
     print(HEADER, flush=True)
-    for name in args.rows:
-        for row in recipe_row(name, src, dense, calibration, held_out, args.calibration_tokens, RECIPES[name],
-                              args.work, bounds=name in args.bounds):
+    names = list(RECIPES)
+    for index in args.rows:
+        name = names[index]
+        options = dict(RECIPES[name])
+        texts = python_doc_sentences(1750) if options.pop("calibration", None) == "python-docs" else calibration
+        for row in recipe_row(name, src, dense, texts, held_out, args.calibration_tokens, options, args.work,
+                              bounds=index in args.bounds, recovery=recovery if index in args.recover else None,
+                              recovery_seconds=args.recovery_seconds):
             print(row.markdown(), flush=True)
     print(f"load average after: {os.getloadavg()[0]:.1f}")
 
