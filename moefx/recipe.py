@@ -29,7 +29,9 @@ class Recipe:
     """How ``moefx.convert`` turns each dense FFN into an MoE layer."""
 
     num_experts: int = _option(8, "experts per layer, shared ones included; the FFN width must divide by it "
-                                  "(method='upcycle': copies of the FFN)")
+                                  "(method='upcycle': copies of the FFN). With no structure or method option given, "
+                                  "convert uses Recipe.measured: 64 experts, half the active share shared, "
+                                  "co-activation, least-squares router, refit, at active=0.5")
     top_k: Optional[int] = _option(None, "routed experts active per token, besides the num_shared shared ones "
                                          "(default 2, or what active= asks for)")
     method: str = _option("split", "'split' (MoEfication: balanced k-means on W_in rows), 'coactivation' (neurons "
@@ -255,17 +257,44 @@ class Recipe:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict, source: str = "the recipe") -> "Recipe":
+    def from_dict(cls, values: dict, source: str = "the recipe", only_known: bool = False):
+        """The recipe of ``values``; ``only_known``: just check that every key is an option, and return them."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
             fail(f"{source} has unknown option(s) {unknown}; the options are {sorted(known)}")
-        return cls(**values)
+        return dict(values) if only_known else cls(**values)
+
+    @classmethod
+    def measured(cls, active: Optional[float] = None, **options: Any) -> "Recipe":
+        """The best training-free recipe ``bench/bench_llm.py`` measured on a real LLM (SmolLM2-135M, WikiText-2),
+        at ``active`` (default 0.5): ``MEASURED_EXPERTS`` fine-grained experts, half of the active share in
+        always-active shared experts, co-activation carving, least-squares router, closed-form refit
+        (DeepSeekMoE's fine and shared experts, MoEfication's co-activation split, CMoE's shared experts).
+        What ``convert`` and ``moefx convert`` use when no option of ``STRUCTURE_OPTIONS`` is given; ``options``
+        are the other fields (seed, holdout, distill_steps, ...)."""
+        chosen = sorted(set(options) & set(STRUCTURE_OPTIONS))
+        if chosen:
+            fail(f"Recipe.measured sets {chosen} itself; build Recipe(...) to choose them")
+        active = MEASURED_ACTIVE if active is None else active
+        experts = MEASURED_EXPERTS
+        routed_and_shared = round(active * experts)
+        return cls(num_experts=experts, num_shared=max(routed_and_shared // 2, 0) if routed_and_shared > 1 else 0,
+                   active=active, method="coactivation", router="least_squares", refit=True, **options)
 
     @classmethod
     def help(cls) -> dict[str, str]:
         """{option: its help text}."""
         return {f.name: f.metadata["help"] for f in dataclasses.fields(cls)}
+
+
+# the measured default (``Recipe.measured``): the share of each FFN a token runs, and the experts per layer
+MEASURED_ACTIVE = 0.5
+MEASURED_EXPERTS = 64
+# options that decide the structure or the fitting method: with none of them given, convert uses Recipe.measured
+STRUCTURE_OPTIONS = ("num_experts", "top_k", "method", "num_shared", "importance", "router", "compensate", "refit",
+                     "gating", "renormalize", "biases", "granularity", "drop_rate", "num_zero", "num_copy",
+                     "num_const", "pregate")
 
 
 def fail(message: str):
