@@ -1,7 +1,8 @@
 """``moefx eval SRC DST``: the quality of a converted checkpoint against its dense source, on held-out text.
 
-Causal LMs: perplexity of both models on the text and the share of positions where they predict the
-same next token (top-1 agreement). Encoders: the mean cosine of their token embeddings.
+Causal LMs: perplexity of both models on the text, the share of positions where they predict the
+same next token (top-1 agreement) and the mean KL(dense || MoE) of their next-token distributions
+(``evaluation.language``). Encoders: the mean cosine of their token embeddings.
 
 A moefx-layout checkpoint of a model with a stack of blocks is evaluated the way ``moefx convert``
 converts it (``moefx.stream``): block by block, each dense block and its converted twin in memory
@@ -21,6 +22,7 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
+from moefx.evaluation.language import NextTokenQuality
 from moefx.quality import QualityReport, evaluate
 from moefx.stream import Source, calibration_ids
 
@@ -34,6 +36,7 @@ class CheckpointQuality:
     dense_perplexity: Optional[float] = None
     moe_perplexity: Optional[float] = None
     top1_agreement: Optional[float] = None
+    kl: Optional[float] = None  # mean KL(dense || MoE) of the next-token distributions, nats per position
     embedding_cosine: Optional[float] = None
     layers: Optional[QualityReport] = None
     blocks: Optional[list[tuple[str, float, float]]] = None  # streamed: (block, output error, experts/token)
@@ -45,7 +48,7 @@ class CheckpointQuality:
         if self.causal:
             head = [f"{on}: perplexity dense {self.dense_perplexity:.3f}, MoE "
                     f"{self.moe_perplexity:.3f} ({self.moe_perplexity / self.dense_perplexity - 1:+.1%}); top-1 "
-                    f"next-token agreement {self.top1_agreement:.1%}"]
+                    f"next-token agreement {self.top1_agreement:.1%}; KL(dense || MoE) {self.kl:.4f} nats per position"]
         else:
             head = [f"{on}: token-embedding cosine to the dense model "
                     f"{self.embedding_cosine:.4f}"]
@@ -87,29 +90,21 @@ def evaluate_pretrained(src: str, dst: str, data: Union[str, Sequence[str], None
            transformers.AutoModelForCausalLM.from_pretrained(dst, dtype=torch.float32)).float().eval()
     result = CheckpointQuality(tokens=sum(b["input_ids"].numel() for b in batches), causal=source.causal_lm,
                                asked=tokens)
-    nll = {"dense": 0.0, "moe": 0.0}
-    agree = cosine = 0.0
-    predicted = 0
+    language, cosine, positions = NextTokenQuality(), 0.0, 0
     with torch.no_grad():
         for batch in batches:
             a, b = dense(**batch), moe(**batch)
             if result.causal:
-                target = batch["input_ids"][:, 1:].reshape(-1)
-                for name, out in (("dense", a), ("moe", b)):
-                    logits = out.logits[:, :-1].reshape(target.numel(), -1).float()
-                    nll[name] += F.cross_entropy(logits, target, reduction="sum").item()
-                agree += (a.logits[:, :-1].argmax(-1) == b.logits[:, :-1].argmax(-1)).sum().item()
-                predicted += target.numel()
+                language.add(a.logits, b.logits, batch["input_ids"], batch["attention_mask"])
             else:
                 x, y = a.last_hidden_state.float(), b.last_hidden_state.float()
                 cosine += F.cosine_similarity(x, y, dim=-1).sum().item()
-                predicted += x.shape[0] * x.shape[1]
+                positions += x.shape[0] * x.shape[1]
     if result.causal:
-        result.dense_perplexity = math.exp(nll["dense"] / predicted)
-        result.moe_perplexity = math.exp(nll["moe"] / predicted)
-        result.top1_agreement = agree / predicted
+        result.dense_perplexity, result.moe_perplexity = language.dense_perplexity, language.moe_perplexity
+        result.top1_agreement, result.kl = language.top1_agreement, language.kl
     else:
-        result.embedding_cosine = cosine / predicted
+        result.embedding_cosine = cosine / positions
     if moefx_layout:
         result.layers = evaluate(dense, moe, batches, plot=plot)
     return result
@@ -196,6 +191,9 @@ def _evaluate_streamed(source: Source, dst: str, ids: list) -> Optional[Checkpoi
     best = {k: [torch.full((t.numel(),), -float("inf")) for t in targets] for k in lse}
     arg = {k: [torch.zeros(t.numel(), dtype=torch.long) for t in targets] for k in lse}
     picked = {k: [torch.zeros(t.numel()) for t in targets] for k in lse}
+    # KL(dense || MoE) = sum_v exp(d_v - m) (d_v - q_v) * exp(m - lse_d) - lse_d + lse_q, accumulated per slice
+    # with m the running maximum of the dense logits
+    kl_sum = [torch.zeros(t.numel()) for t in targets]
     wrap, whole = shell.wrap, (head.weight, head.bias)  # the blocks' output structure; the head's own tensors
     for start in range(0, rows, VOCAB_SLICE):
         # the model's own forward after the last block, with its head cut to these vocabulary rows: the head's
@@ -206,23 +204,28 @@ def _evaluate_streamed(source: Source, dst: str, ids: list) -> Optional[Checkpoi
         if bias_key is not None:
             head.bias = torch.nn.Parameter(shell.source.shards.read(bias_key, torch.float32)[start:stop_row], False)
         try:
-            for label, outputs in (("dense", dense_h), ("moe", moe_h)):
-                for b, (batch, embed, out, t) in enumerate(zip(ids, embeds, outputs, targets)):
+            for b, (batch, embed, t) in enumerate(zip(ids, embeds, targets)):
+                slice_logits = {}
+                for label, outputs in (("dense", dense_h), ("moe", moe_h)):
                     last = len(shell.stack) - 1
                     for i in range(len(shell.stack)):
                         shell.stack[i] = _Recorder(i, [], last=False,
-                                                   wrap=(lambda h, o=out: wrap(o)) if i == last else wrap)
+                                                   wrap=(lambda h, o=outputs[b]: wrap(o)) if i == last else wrap)
                     with torch.no_grad():
                         logits = shell.model(inputs_embeds=embed, attention_mask=torch.ones_like(batch),
                                              use_cache=False).logits
-                    logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+                    logits = slice_logits[label] = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
                     lse[label][b] = torch.logaddexp(lse[label][b], logits.logsumexp(-1))
                     value, top = logits.max(-1)
                     better = value > best[label][b]
+                    if label == "dense":  # rescale the KL sum to the new running maximum of the dense logits
+                        kl_sum[b] *= torch.exp(best[label][b] - torch.maximum(value, best[label][b])).nan_to_num(0.0)
                     best[label][b] = torch.where(better, value, best[label][b])
                     arg[label][b] = torch.where(better, top + start, arg[label][b])
                     inside = (t >= start) & (t < stop_row)
                     picked[label][b][inside] = logits[inside, t[inside] - start]
+                dense_logits, moe_logits = slice_logits["dense"], slice_logits["moe"]
+                kl_sum[b] += (torch.exp(dense_logits - best["dense"][b][:, None]) * (dense_logits - moe_logits)).sum(-1)
         finally:
             head.weight, head.bias = whole
     predicted = sum(t.numel() for t in targets)
@@ -230,4 +233,6 @@ def _evaluate_streamed(source: Source, dst: str, ids: list) -> Optional[Checkpoi
     result.dense_perplexity, result.moe_perplexity = math.exp(nll["dense"]), math.exp(nll["moe"])
     result.top1_agreement = sum((arg["dense"][b] == arg["moe"][b]).sum().item()
                                 for b in range(len(targets))) / predicted
+    result.kl = sum((kl_sum[b] * torch.exp(best["dense"][b] - lse["dense"][b]) - lse["dense"][b] + lse["moe"][b])
+                    .sum().item() for b in range(len(targets))) / predicted
     return result

@@ -258,6 +258,7 @@ def test_eval_block_by_block_equals_eval_in_memory(llama, tmp_path, capsys):
     assert abs(streamed.moe_perplexity / whole.moe_perplexity - 1) < 1e-5 and streamed.top1_agreement < 1.0
     assert abs(streamed.dense_perplexity / whole.dense_perplexity - 1) < 1e-5
     assert streamed.top1_agreement == whole.top1_agreement
+    assert whole.kl > 0 and abs(streamed.kl - whole.kl) < 1e-6 + 1e-3 * whole.kl  # fp32 logits
     assert main(["eval", src, exact, "--tokens", "128", "--sequence-length", str(SEQUENCE)]) == 0
     assert "top-1 next-token agreement 100.0%" in capsys.readouterr().out
 
@@ -357,6 +358,7 @@ def test_streamed_eval_perplexity_applies_the_models_own_head(tmp_path, name):
     assert abs(streamed.dense_perplexity / whole.dense_perplexity - 1) < 1e-5
     assert abs(streamed.moe_perplexity / whole.moe_perplexity - 1) < 1e-5
     assert streamed.top1_agreement == whole.top1_agreement
+    assert whole.kl > 0 and abs(streamed.kl - whole.kl) < 1e-6 + 1e-3 * whole.kl  # fp32 logits
 
 
 def _refused(capsys, argv, *messages):
