@@ -158,10 +158,10 @@ def recipe_row(name: str, src: str, dense, calibration, held_out: list[dict], to
         outputs = [origin.dense_output for origin in moe.moefx_report.layers]
         with neuron_top_k(dense, outputs, active) as pruned:
             dense_copy = _frozen_logits(dense, held_out)
-            rows.append(_row_from_logits(f"neuron top-k", active, dense_copy, pruned, held_out))
+            rows.append(_row_from_logits("neuron top-k", active, dense_copy, pruned, held_out))
     if recovery is not None:
         start = time.perf_counter()
-        report = moefx.distill(moe, dense, recovery, steps=100_000, lr=1e-4, max_seconds=recovery_seconds,
+        report = moefx.distill(moe, dense, recovery, steps=100_000, lr=5e-4, max_seconds=recovery_seconds,
                                eval_every=10, progress=False)
         recovered = score(f"{name} + recovery ({report.steps} steps)", active, dense, moe, held_out)
         recovered.seconds = seconds + time.perf_counter() - start

@@ -12,7 +12,7 @@ from moefx.layer import MoELayer
 from moefx.fit.distill import DistillReport, distill
 from moefx.convert.pregate import lookahead
 from moefx.op import moe_op
-from moefx.quality import QualityReport, evaluate
+from moefx.evaluation.layers import QualityReport, evaluate
 from moefx import offload  # noqa: F401  (moefx.offload.offload: run with experts on a slow tier)
 from moefx.offload import layer_ahead_recall, routing_consistency
 from moefx.summary import Summary, summary

@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "eval" and args.src:
         if not args.dst:
             parser.error("moefx eval SRC DST: pass both the dense and the converted checkpoint directories")
-        from moefx.checkpoint_eval import evaluate_pretrained
+        from moefx.evaluation.checkpoint import evaluate_pretrained
 
         try:
             print(evaluate_pretrained(args.src, args.dst, args.data, tokens=args.tokens,

@@ -72,6 +72,12 @@ def output_tensor(output: Any) -> Tensor:
     raise ValueError("moefx: the model output holds no floating-point tensor")
 
 
+def logits_of(output: Any) -> Optional[Tensor]:
+    """The next-token logits [B, S, V] of a model output (``.logits``), or None when it has none."""
+    logits = getattr(output, "logits", None)
+    return logits if isinstance(logits, Tensor) and logits.dim() == 3 else None
+
+
 def token_mask(batch: Any, shape: torch.Size) -> Optional[Tensor]:
     """Which rows of a per-token tensor of ``shape`` are real tokens (not padding), from a dict batch's
     ``attention_mask`` [B, S]: a bool [B, S] for [B, S, ...], [B*S] for [B*S, ...]; None when the batch

@@ -242,7 +242,7 @@ def test_a_model_without_a_layer_stack_is_converted_in_memory_and_says_so(tmp_pa
 
 
 def test_eval_block_by_block_equals_eval_in_memory(llama, tmp_path, capsys):
-    from moefx.checkpoint_eval import evaluate_pretrained
+    from moefx.evaluation.checkpoint import evaluate_pretrained
 
     src, _ = llama
     exact, dst = str(tmp_path / "exact"), str(tmp_path / "moe")
@@ -341,7 +341,7 @@ def test_gpt2_lm_head_model_is_converted_with_its_head(tmp_path):
 @pytest.mark.parametrize("name", ["phi", "cohere", "gpt2"])
 def test_streamed_eval_perplexity_applies_the_models_own_head(tmp_path, name):
     """Phi's LM-head bias, Cohere's logit scale: the block-by-block perplexity equals the whole model's."""
-    from moefx.checkpoint_eval import evaluate_pretrained
+    from moefx.evaluation.checkpoint import evaluate_pretrained
 
     dense, src, data = zoo_checkpoint(tmp_path, name)
     head = dense.get_output_embeddings()

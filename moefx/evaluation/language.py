@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+
 @dataclass
 class NextTokenQuality:
     """Running sums over scored positions; ``dense_perplexity`` etc. read them."""
@@ -65,12 +66,6 @@ class NextTokenQuality:
         return (f"on {self.positions:,} next-token positions: perplexity dense {self.dense_perplexity:.3f}, MoE "
                 f"{self.moe_perplexity:.3f} (x{self.moe_perplexity / self.dense_perplexity:.3f}); top-1 agreement "
                 f"{self.top1_agreement:.1%}; KL(dense || MoE) {self.kl:.4f} nats")
-
-
-def logits_of(output: Any) -> Optional[Tensor]:
-    """The next-token logits [B, S, V] of a model output (``.logits``), or None when it has none."""
-    logits = getattr(output, "logits", None)
-    return logits if isinstance(logits, Tensor) and logits.dim() == 3 else None
 
 
 def scored_ids(batch: Any) -> tuple[Optional[Tensor], Optional[Tensor]]:

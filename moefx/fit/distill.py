@@ -28,9 +28,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from moefx.evaluation.language import logits_of
 from moefx.layer import MoELayer
-from moefx.runtime import call_model, hooks, output_tensor, read_batches, token_mask
+from moefx.runtime import call_model, hooks, logits_of, output_tensor, read_batches, token_mask
 
 
 @dataclass

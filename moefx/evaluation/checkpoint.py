@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from moefx.evaluation.language import NextTokenQuality
-from moefx.quality import QualityReport, evaluate
+from moefx.evaluation.layers import QualityReport, evaluate
 from moefx.stream import Source, calibration_ids
 
 VOCAB_SLICE = 16384  # LM-head rows read and applied at a time

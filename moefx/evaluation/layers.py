@@ -18,9 +18,9 @@ from typing import Any, Iterable, Optional
 import torch
 from torch import Tensor, nn
 
-from moefx.evaluation.language import NextTokenQuality, logits_of, scored_ids
+from moefx.evaluation.language import NextTokenQuality, scored_ids
 from moefx.layer import MoELayer
-from moefx.runtime import call_model, hooks, output_tensor, read_batches
+from moefx.runtime import call_model, hooks, logits_of, output_tensor, read_batches
 from moefx.fit.routers import oracle_scores
 
 
