@@ -155,12 +155,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         from moefx.demo import format_rows, run_demo
 
-        rows, onnx_error = run_demo(num_eval=args.sentences, num_calibration=args.calibration, onnx_path=args.onnx)
+        rows, parity = run_demo(num_eval=args.sentences, num_calibration=args.calibration, onnx_path=args.onnx)
         print("all-MiniLM-L6-v2 (real weights), sentence-embedding cosine to the dense model on "
               f"{args.sentences} sentences of Python's documentation:")
         print(format_rows(rows))
-        print(f"exported the split 8/top-2 model to {args.onnx}; onnxruntime vs PyTorch max abs error "
-              f"{onnx_error:.2e}")
+        print(f"exported the split 8/top-2 model to {args.onnx}; {parity}")
     elif args.command == "eval" and args.src:
         if not args.dst:
             parser.error("moefx eval SRC DST: pass both the dense and the converted checkpoint directories")
