@@ -40,7 +40,7 @@ from moefx.convert.rewrite import MoEFFN
 from moefx.layer import MoELayer
 from moefx.recipe import Recipe
 from moefx.runtime import call_model
-from moefx.shards import INDEX, MOEFX_INDEX, MOEFX_PREFIX, read_header, read_shard, shard_files
+from moefx.shards import INDEX, MOEFX_INDEX, read_header, read_shard, shard_files
 
 WEIGHTS, RECIPE, EXAMPLE = "moefx_model.safetensors", "moefx.json", "moefx_example.safetensors"
 FILES = "moefx_files.json"  # the files moefx wrote into a checkpoint directory
@@ -313,6 +313,38 @@ def _carve_for(layout: str, recipe: Recipe) -> str:
     renormalize = "renormalize=False" if layout == "qwen2_moe" else "renormalize=True"
     method = "" if not recipe.upcycle else "method='coactivation', "
     return f"convert with {method}gating='softmax', {renormalize}, router='least_squares', refit=True, biases=False"
+
+
+def layout_refusal(recipe: Recipe, layout: str) -> Optional[str]:
+    """Why ``layout`` cannot hold the layers ``recipe`` builds, with the option that fixes it, checked before
+    any block is converted (``_problem`` checks each built layer again); None when it can, or for "moefx"."""
+    if layout == "moefx":
+        return None
+    class_name = _TARGETS[layout][1]
+    all_active = recipe.top_k >= recipe.num_experts - recipe.num_shared
+    if recipe.top_p < 1.0:
+        return f"top_p={recipe.top_p} (dynamic-k); {class_name} routes exactly top_k experts: convert with top_p=1.0"
+    if recipe.zero_computation:
+        return f"zero-computation experts; {class_name} has none: convert with num_zero=0, num_copy=0, num_const=0"
+    if recipe.upcycle:
+        if recipe.granularity != 1:
+            return f"granularity={recipe.granularity}; {class_name} applies no gate scale: convert with granularity=1"
+        if layout == "qwen2_moe" and not all_active:
+            return ("upcycled experts have renormalised gates, which llama.cpp's qwen2moe never computes: "
+                    + _carve_for(layout, recipe))
+        return None
+    if recipe.gating != "softmax":
+        return (f"gating={recipe.gating!r}; {class_name} weights experts by the softmax of the router logits: "
+                + _carve_for(layout, recipe))
+    if recipe.biases:
+        return f"biases=True; {class_name} experts and router have no biases: convert with biases=False"
+    if layout in ("mixtral", "qwen3_moe") and recipe.num_shared:
+        return f"num_shared={recipe.num_shared}; {class_name} has no shared expert: convert with num_shared=0"
+    if layout in ("mixtral", "qwen3_moe") and not recipe.renormalize and not all_active:
+        return f"renormalize=False; {class_name} (and llama.cpp) renormalise the top-k gates: convert with renormalize=True"
+    if layout == "qwen2_moe" and recipe.renormalize and not all_active:
+        return "renormalize=True; llama.cpp's qwen2moe never renormalises the top-k gates: convert with renormalize=False"
+    return None
 
 
 def _problem(layer: MoELayer, layout: str, class_name: str, recipe: Recipe) -> Optional[tuple[str, str]]:

@@ -55,16 +55,13 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
 def recipe_from_args(args: argparse.Namespace):
     """The recipe file's options overridden by the flags given; ``Recipe.measured`` (at ``--active``, default 0.5)
     when neither chooses the structure or the fitting method."""
-    from moefx.recipe import STRUCTURE_OPTIONS, Recipe
+    from moefx.recipe import Recipe, resolve
 
     values = read_recipe_file(args.recipe) if args.recipe else {}
     values.update({name: getattr(args, name) for name in Recipe.help() if getattr(args, name) is not None})
     if values.get("pregate") in ("none", "None"):
         values["pregate"] = None
-    source = args.recipe or "the flags"
-    if not set(values) & set(STRUCTURE_OPTIONS):  # no structure chosen: the measured best recipe
-        return Recipe.measured(**Recipe.from_dict(values, source=source, only_known=True))
-    return Recipe.from_dict(values, source=source)
+    return resolve(Recipe.from_dict(values, source=args.recipe or "the flags", only_known=True), args.layout)
 
 
 def read_recipe_file(path: str) -> dict:

@@ -266,20 +266,21 @@ class Recipe:
         return dict(values) if only_known else cls(**values)
 
     @classmethod
-    def measured(cls, active: Optional[float] = None, **options: Any) -> "Recipe":
+    def measured(cls, active: Optional[float] = None, shared: bool = True, **options: Any) -> "Recipe":
         """The best training-free recipe ``bench/bench_llm.py`` measured on a real LLM (SmolLM2-135M, WikiText-2),
         at ``active`` (default 0.5): ``MEASURED_EXPERTS`` fine-grained experts, half of the active share in
         always-active shared experts, co-activation carving, least-squares router, closed-form refit
         (DeepSeekMoE's fine and shared experts, MoEfication's co-activation split, CMoE's shared experts).
         What ``convert`` and ``moefx convert`` use when no option of ``STRUCTURE_OPTIONS`` is given; ``options``
-        are the other fields (seed, holdout, distill_steps, ...)."""
-        chosen = sorted(set(options) & set(STRUCTURE_OPTIONS))
+        are the other fields (seed, holdout, gating, ...). ``shared`` False: every active expert routed (the
+        Mixtral / Qwen3-MoE layouts hold no shared expert)."""
+        chosen = sorted(set(options) & set(MEASURED_SETS))
         if chosen:
             fail(f"Recipe.measured sets {chosen} itself; build Recipe(...) to choose them")
         active = MEASURED_ACTIVE if active is None else active
         experts = MEASURED_EXPERTS
         routed_and_shared = round(active * experts)
-        return cls(num_experts=experts, num_shared=max(routed_and_shared // 2, 0) if routed_and_shared > 1 else 0,
+        return cls(num_experts=experts, num_shared=routed_and_shared // 2 if shared and routed_and_shared > 1 else 0,
                    active=active, method="coactivation", router="least_squares", refit=True, **options)
 
     @classmethod
@@ -288,9 +289,27 @@ class Recipe:
         return {f.name: f.metadata["help"] for f in dataclasses.fields(cls)}
 
 
+def resolve(options: dict[str, Any], layout: str = "moefx") -> Recipe:
+    """The recipe ``options`` (``Recipe`` fields) ask for: ``Recipe.measured`` when none of them chooses the
+    structure or the fitting method (``STRUCTURE_OPTIONS``), else ``Recipe(**options)``. For a transformers MoE
+    ``layout`` of carved experts the options left open are set to what it holds: softmax gates over a fitted
+    router with refit, no bias terms, top-k gates renormalised for mixtral / qwen3_moe (not for qwen2_moe), and
+    no shared expert in mixtral / qwen3_moe (the measured recipe routes every active expert there)."""
+    measured = not set(options) & set(STRUCTURE_OPTIONS)
+    if layout != "moefx" and options.get("method") != "upcycle":
+        options = {"gating": "softmax", "biases": False, "renormalize": layout != "qwen2_moe", **options}
+        if not measured:
+            options = {"router": "least_squares", "refit": True, **options}
+    if measured:
+        return Recipe.measured(shared=layout not in ("mixtral", "qwen3_moe"), **options)
+    return Recipe(**options)
+
+
 # the measured default (``Recipe.measured``): the share of each FFN a token runs, and the experts per layer
 MEASURED_ACTIVE = 0.5
 MEASURED_EXPERTS = 64
+# what Recipe.measured chooses itself
+MEASURED_SETS = ("num_experts", "top_k", "method", "num_shared", "router", "refit")
 # options that decide the structure or the fitting method: with none of them given, convert uses Recipe.measured
 STRUCTURE_OPTIONS = ("num_experts", "top_k", "method", "num_shared", "importance", "router", "compensate", "refit",
                      "gating", "renormalize", "biases", "granularity", "drop_rate", "num_zero", "num_copy",

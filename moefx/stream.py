@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from moefx.convert import convert, rebuild
 from moefx.convert.stages import ConversionReport, LayerOrigin
-from moefx.recipe import Recipe
+from moefx.recipe import Recipe, resolve
 from moefx.runtime import call_model
 from moefx.shards import MOEFX_PREFIX, Copied, ShardWriter, SourceShards, read_shard
 from moefx.summary import Summary, summary
@@ -86,15 +86,18 @@ def convert_pretrained(src: str, dst: str, recipe: Optional[Recipe] = None, *,
 
     Blocks are computed in float32 whatever the checkpoint's dtype.
     """
-    from moefx.checkpoint import LAYOUTS
+    from moefx.checkpoint import LAYOUTS, layout_refusal
 
     start = time.perf_counter()
-    if recipe is None:
-        recipe = Recipe(**options)
-    elif options:
-        raise TypeError("moefx.convert_pretrained: pass either recipe= or the recipe's fields as keywords, not both")
     if layout not in LAYOUTS:
         raise ValueError(f"moefx.convert_pretrained: layout={layout!r} is not one of {LAYOUTS}")
+    if recipe is None:
+        recipe = resolve(options, layout)
+    elif options:
+        raise TypeError("moefx.convert_pretrained: pass either recipe= or the recipe's fields as keywords, not both")
+    refusal = layout_refusal(recipe, layout)
+    if refusal:
+        raise ValueError(f"moefx: layout={layout!r} cannot hold this recipe's layers: {refusal}")
     source = Source(src)
     out_dtype = source.output_dtype(dtype)
     _check_destination(dst)

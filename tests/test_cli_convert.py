@@ -456,3 +456,26 @@ def test_cli_habits_version_choices_one_default_typos_and_an_early_width_check(l
     assert main(["convert", src, str(tmp_path / "moe"), "--experts", "5", "--quiet"]) == 2
     assert "128 neurons, which do not split into num_experts=5 equal experts; pick num_experts from" in \
         capsys.readouterr().err
+
+
+def test_layout_sets_the_options_it_holds_and_refuses_the_rest_before_block_0(llama, tmp_path):
+    """``--layout`` fills the gating/bias/renormalisation options it needs where the recipe leaves them open (the
+    measured default routes every active expert in Mixtral), and refuses a recipe it cannot hold before any block
+    is converted (nothing written)."""
+    from moefx.recipe import resolve
+
+    src, _ = llama
+    mixtral = resolve({}, "mixtral")
+    assert (mixtral.gating, mixtral.biases, mixtral.renormalize, mixtral.num_shared) == ("softmax", False, True, 0)
+    assert mixtral.top_k == 32 and resolve({}).num_shared == 16  # the same active share, all routed
+    qwen2 = resolve({"num_experts": 4, "top_k": 2}, "qwen2_moe")
+    assert (qwen2.router, qwen2.refit, qwen2.gating, qwen2.renormalize, qwen2.biases) == (
+        "least_squares", True, "softmax", False, False)
+    for layout, options, message in (("mixtral", dict(num_shared=1), "num_shared=1; MixtralForCausalLM has no shared"),
+                                     ("qwen2_moe", dict(gating="unit"), "gating='unit'"),
+                                     ("qwen3_moe", dict(biases=True), "biases=True")):
+        dst = str(tmp_path / layout)
+        with pytest.raises(ValueError, match=f"layout='{layout}' cannot hold this recipe's layers: {message}"):
+            convert_pretrained(src, dst, layout=layout, num_experts=4, top_k=1, calibration_tokens=64,
+                               sequence_length=32, progress=False, **options)
+        assert not os.path.exists(dst) and not os.path.exists(dst + ".moefx-partial")

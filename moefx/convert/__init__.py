@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from moefx.convert.stages import Conversion, ConversionReport, LayerOrigin, run_stages
-from moefx.recipe import STRUCTURE_OPTIONS, Recipe
+from moefx.recipe import Recipe, resolve
 from moefx.runtime import read_batches
 
 __all__ = ["ConversionReport", "LayerOrigin", "Recipe", "convert"]
@@ -105,9 +105,7 @@ def _recipe(recipe: Optional[Recipe], num_experts, top_k, options: dict) -> Reci
     if unknown:
         raise TypeError(f"moefx.convert: unknown option(s) {unknown}; the options are the fields of moefx.Recipe: "
                         f"{sorted(Recipe.help())}")
-    if not given and not set(options) & set(STRUCTURE_OPTIONS):
-        return Recipe.measured(**options)
-    return Recipe(**given, **options)
+    return resolve({**given, **options})
 
 
 def _batches(calibration: Optional[Iterable[Any]], recipe: Recipe) -> list:
