@@ -156,12 +156,12 @@ def recipe_row(name: str, src: str, dense, calibration, held_out: list[dict], to
         with oracle_routing(moe):
             rows.append(score(f"{name}, oracle routing", active, dense, moe, held_out))
         outputs = [origin.dense_output for origin in moe.moefx_report.layers]
+        reference = _frozen_logits(dense, held_out)
         with neuron_top_k(dense, outputs, active) as pruned:
-            dense_copy = _frozen_logits(dense, held_out)
-            rows.append(_row_from_logits("neuron top-k", active, dense_copy, pruned, held_out))
+            rows.append(_row_from_logits("neuron top-k", active, reference, pruned, held_out))
     if recovery is not None:
         start = time.perf_counter()
-        report = moefx.distill(moe, dense, recovery, steps=100_000, lr=5e-4, max_seconds=recovery_seconds,
+        report = moefx.distill(moe, dense, recovery, steps=100_000, lr=1e-4, max_seconds=recovery_seconds,
                                eval_every=10, progress=False)
         recovered = score(f"{name} + recovery ({report.steps} steps)", active, dense, moe, held_out)
         recovered.seconds = seconds + time.perf_counter() - start

@@ -68,3 +68,4 @@ def test_sparse_rows_lose_quality_and_the_oracle_bounds_the_router(llama, tmp_pa
     assert row.active == oracle.active == neuron.active == 0.25
     assert row.kl > 0 and row.layer_error > 0.05
     assert oracle.layer_error <= row.layer_error  # the oracle picks the largest expert outputs
+    assert neuron.kl > 0 and neuron.top1 < 1 and abs(neuron.dense_perplexity / row.dense_perplexity - 1) < 1e-6
