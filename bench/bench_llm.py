@@ -145,7 +145,8 @@ def recipe_row(name: str, src: str, dense, calibration, held_out: list[dict], to
     """Convert ``src`` with ``options`` and score it; with ``bounds`` also its oracle-routing row and the
     neuron-level top-k row at the same active share; with ``recovery`` (training batches) also the row after
     ``moefx.distill`` (next-token KL against the dense model, ``recovery_seconds`` of it, best held-out state)."""
-    dst = os.path.join(work, name.replace(" ", "_"))
+    os.makedirs(work, exist_ok=True)
+    dst = os.path.join(work, re.sub(r"[^A-Za-z0-9]+", "_", name))
     seconds, rss = convert_measured(src, dst, calibration, tokens, options)
     moe = moefx.load_pretrained(dst).float().eval()
     active = moefx.summary(moe).active_fraction
