@@ -137,10 +137,12 @@ def _sorted(inputs: MoEInputs, attrs: MoEAttrs, gates: Tensor, ids: Tensor, stra
     sorted_ids, order = flat_ids.sort(stable=True)
     tokens = order // top_k
     counts = torch.bincount(flat_ids, minlength=inputs.w_router.shape[0])[:num_experts]
+    zero_computation = num_experts < inputs.w_router.shape[0]
     if strategy == "grouped":
         rows = x.index_select(0, tokens)
         offsets = counts.cumsum(0, dtype=torch.int32)
-        expert_of_row = sorted_ids.clamp(max=num_experts - 1)  # zero-computation slots are masked below
+        # zero-computation slots are masked below
+        expert_of_row = sorted_ids.clamp(max=num_experts - 1) if zero_computation else sorted_ids
         a = torch._grouped_mm(rows, w_in.transpose(1, 2), offs=offsets)
         if b_in is not None:
             a += b_in.index_select(0, expert_of_row)
@@ -148,7 +150,7 @@ def _sorted(inputs: MoEInputs, attrs: MoEAttrs, gates: Tensor, ids: Tensor, stra
         if b_out is not None:
             y += b_out.index_select(0, expert_of_row)
         y.mul_(gates.flatten().index_select(0, order)[:, None])
-        if num_experts < inputs.w_router.shape[0]:  # rows past the last offset hold no result
+        if zero_computation:  # rows past the last offset hold no result
             y.masked_fill_((sorted_ids >= num_experts)[:, None], 0)
         return torch.zeros_like(x).index_add_(0, tokens, y)
     # per_expert: each expert's rows gathered, computed and added back on their own, so temporaries stay

@@ -160,11 +160,11 @@ def kernel_path(device: torch.device) -> str:
     """The implementation ``MOEFX_KERNELS`` (auto | triton | cpu | reference) selects for ``device``: "auto" is
     Triton on CUDA (when installed), "cpu" on the CPU, the reference elsewhere."""
     choice = os.environ.get("MOEFX_KERNELS", "auto")
+    if choice == "auto" and device.type == "cpu":
+        return "cpu"
     if choice not in KERNEL_PATHS:
         raise ValueError(f"MOEFX_KERNELS={choice!r} is not one of {KERNEL_PATHS}; unset it or pick one")
     if choice == "auto":
-        if device.type == "cpu":
-            return "cpu"
         return "triton" if device.type == "cuda" and _triton_available() else "reference"
     return choice
 
@@ -210,25 +210,37 @@ def route(router_input: Tensor, w_router: Tensor, b_router: Optional[Tensor], at
     logits = F.linear(router_input, w_router, b_router)
     if attrs.scoring == "softmax":
         scores = logits.softmax(-1)
-    elif attrs.scoring == "sigmoid":
-        scores = logits.sigmoid()
+        gates, ids = scores.topk(attrs.top_k, dim=-1)
     else:
-        scores = logits
-    ids = (scores if attrs.scoring == "softmax" else logits).topk(attrs.top_k, dim=-1).indices
-    gates = torch.ones(ids.shape, dtype=acc, device=ids.device) if attrs.scoring == "unit" else scores.gather(-1, ids)
-    kept = torch.ones_like(gates, dtype=torch.bool)
+        top, ids = logits.topk(attrs.top_k, dim=-1)
+        gates = top.sigmoid() if attrs.scoring == "sigmoid" else None
+    kept = None
     if attrs.top_p < 1.0:
-        probs = logits.softmax(-1).gather(-1, ids)
+        probs = (scores if attrs.scoring == "softmax" else logits.softmax(-1)).gather(-1, ids)
         mass_before = probs.cumsum(-1) - probs
         rank = torch.arange(attrs.top_k, device=ids.device)
         kept = (rank < attrs.min_k) | (mass_before < attrs.top_p)
+    # NaN rows, found without a pass over all [T, E+Z] scores: a softmax row holding a NaN is all NaN (a NaN or
+    # +inf logit), so its gates are already; topk ranks NaN above every number, so a sigmoid or unit row holds
+    # a NaN iff its first choice's logit is NaN.
+    if attrs.scoring != "softmax":
+        first = top[:, :1]
+        nan_rows = first.isnan()
+    if attrs.scoring == "unit":
+        if kept is None:  # every gate of a row is 1, 1 / top_k renormalised, or NaN (the NaN logit itself)
+            value = (1.0 / attrs.top_k if attrs.renormalize else 1.0) * attrs.gate_scale
+            return torch.where(nan_rows.expand(ids.shape), first, value), ids
+        gates = torch.where(nan_rows.expand(ids.shape), first, 1.0)
+    if kept is not None:
         gates = gates * kept
     if attrs.renormalize and attrs.scoring == "sigmoid":
-        log_gates = F.logsigmoid(logits.gather(-1, ids)).masked_fill(~kept, -math.inf)
-        gates = log_gates.softmax(-1)
-    elif attrs.renormalize:
-        gates = gates / gates.sum(-1, keepdim=True)
-    gates = gates.masked_fill(scores.isnan().any(-1, keepdim=True), math.nan)
+        log_gates = F.logsigmoid(top)  # a NaN first choice makes the whole softmax row NaN
+        gates = (log_gates if kept is None else log_gates.masked_fill(~kept, -math.inf)).softmax(-1)
+    else:
+        if attrs.renormalize:
+            gates = gates / gates.sum(-1, keepdim=True)
+        if attrs.scoring != "softmax":
+            gates = gates.masked_fill(nan_rows, math.nan)
     return (gates if attrs.gate_scale == 1.0 else gates * attrs.gate_scale), ids
 
 
@@ -444,8 +456,25 @@ def _eager_cpu_inference(inputs: MoEInputs) -> bool:
             and not torch._C._are_functorch_transforms_active() and torch._C._get_tracing_state() is None)
 
 
+# (attrs, every input's shape) that passed ``check_inputs``: the check reads nothing else, so each layer pays
+# for it once per token count; bounded so that shapes a long-lived process has seen do not pile up
+_CHECKED: dict = {}
+_CHECKED_MAX = 4096
+
+
 def check_inputs(inputs: MoEInputs, attrs: MoEAttrs) -> None:
-    """Raise a ValueError naming the first tensor that breaks the contract (``MoEAttrs`` checks itself)."""
+    """Raise a ValueError naming the first tensor that breaks the contract (``MoEAttrs`` checks itself);
+    shapes that passed before pass again without the checks."""
+    key = (attrs, *[None if t is None else t.shape for t in inputs])
+    if key in _CHECKED:
+        return
+    _check_shapes(inputs, attrs)
+    if len(_CHECKED) >= _CHECKED_MAX:
+        _CHECKED.clear()
+    _CHECKED[key] = None
+
+
+def _check_shapes(inputs: MoEInputs, attrs: MoEAttrs) -> None:
     def fail(msg):
         raise ValueError(f"moefx.moe: {msg}")
 
