@@ -20,6 +20,9 @@ num_const zero-computation experts (MoE++), so the router has E + Z rows::
     f_e(x) = act(x @ w_in[e].T + b_in[e]) @ w_out[e].T + b_out[e]          (plain FFN expert)
     f_e(x) = (act(a[0::2]) * a[1::2]) @ w_out[e].T + b_out[e],
              a = x @ w_in[e].T + b_in[e]          (gated: gate and up rows interleaved)
+    f_e(x) = (act(a[:F]) * a[F:]) @ w_out[e].T + b_out[e]
+                                                  (gated, halves: gate rows, then up rows, as transformers'
+                                                   fused gate_up_proj stores them)
     f_e(x) = 0                      for e in [E, E + num_zero)            (zero expert)
     f_e(x) = x                      for the next num_copy experts         (copy expert)
     f_e(x) = const_experts[j]       for the j-th of the last num_const     (constant expert)
@@ -93,6 +96,7 @@ class MoEAttrs:
     gate_scale: float = 1.0
     num_zero: int = 0
     num_copy: int = 0
+    halves: bool = False  # gated w_in rows as [gate; up] halves instead of interleaved
 
     def __post_init__(self):
         def fail(msg):
@@ -115,6 +119,8 @@ class MoEAttrs:
             fail(f"scoring {self.scoring!r} is not one of {SCORINGS}")
         if not math.isfinite(self.gate_scale):
             fail(f"gate_scale={self.gate_scale} must be finite")
+        if self.halves and not self.gated:
+            fail("halves=True describes the gate/up rows of gated experts; set gated=True or halves=False")
 
     def flat(self) -> tuple:
         """The attribute values in schema order."""
@@ -125,6 +131,7 @@ class MoEAttrs:
         extras += [f"dynamic-k top_p={self.top_p}"] * (self.top_p < 1.0)
         extras += [f"gate_scale={self.gate_scale}"] * (self.gate_scale != 1.0)
         extras += [f"{self.num_zero} zero / {self.num_copy} copy experts"] * bool(self.num_zero or self.num_copy)
+        extras += ["gate/up halves"] * self.halves
         return f"top-{self.top_k} {'gated ' * self.gated}{self.activation}, {', '.join(extras)}"
 
 
@@ -135,7 +142,9 @@ def with_op_signature(*leading: str) -> Callable[[Callable], Callable]:
     def decorate(fn: Callable) -> Callable:
         hints = {**{name: Tensor for name in leading}, **typing.get_type_hints(MoEInputs),
                  **typing.get_type_hints(MoEAttrs)}
-        parameters = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=hint)
+        # halves came after the first schema: its default keeps callers that pass the older attributes working
+        parameters = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=hint,
+                                        **({"default": False} if name == "halves" else {}))
                       for name, hint in hints.items()]
         fn.__signature__ = inspect.Signature(parameters, return_annotation=typing.get_type_hints(fn)["return"])
         return fn
@@ -244,17 +253,40 @@ def route(router_input: Tensor, w_router: Tensor, b_router: Optional[Tensor], at
     return (gates if attrs.gate_scale == 1.0 else gates * attrs.gate_scale), ids
 
 
-def activate(a: Tensor, activation: str, gated: bool) -> Tensor:
-    """The expert's hidden activation h from its pre-activation a: act(a), or act(a[0::2]) * a[1::2] when gated
-    (gate and up rows interleaved)."""
+def activate(a: Tensor, activation: str, gated: bool, halves: bool = False) -> Tensor:
+    """The expert's hidden activation h from its pre-activation a: act(a), or act(gate) * up when gated (gate and
+    up columns interleaved, or the two halves of a)."""
     act = ACTIVATIONS[activation]
-    return act(a[..., 0::2]) * a[..., 1::2] if gated else act(a)
+    if not gated:
+        return act(a)
+    gate, up = gate_up(a, halves)
+    return act(gate) * up
+
+
+def gate_up(a: Tensor, halves: bool) -> tuple[Tensor, Tensor]:
+    """The gate and up columns of a gated pre-activation a [..., 2F] (views)."""
+    if halves:
+        return a.split(a.shape[-1] // 2, dim=-1)
+    return a[..., 0::2], a[..., 1::2]
+
+
+def interleaved(inputs: MoEInputs, attrs: MoEAttrs) -> tuple[MoEInputs, MoEAttrs]:
+    """The same op with gate/up rows interleaved (copies of w_in and b_in when ``attrs.halves``): for
+    implementations that read the interleaved layout only."""
+    if not attrs.halves:
+        return inputs, attrs
+    num_experts, f_in, hidden = inputs.w_in.shape
+    w_in = inputs.w_in.reshape(num_experts, 2, f_in // 2, hidden).transpose(1, 2).reshape(num_experts, f_in, hidden)
+    b_in = inputs.b_in
+    if b_in is not None:
+        b_in = b_in.reshape(num_experts, 2, f_in // 2).transpose(1, 2).reshape(num_experts, f_in)
+    return inputs._replace(w_in=w_in, b_in=b_in), dataclasses.replace(attrs, halves=False)
 
 
 def expert_ffn(x: Tensor, w_in: Tensor, b_in: Optional[Tensor], w_out: Tensor, b_out: Optional[Tensor],
-               activation: str, gated: bool) -> Tensor:
+               activation: str, gated: bool, halves: bool = False) -> Tensor:
     """One expert f_e applied to rows x."""
-    return F.linear(activate(F.linear(x, w_in, b_in), activation, gated), w_out, b_out)
+    return F.linear(activate(F.linear(x, w_in, b_in), activation, gated, halves), w_out, b_out)
 
 
 def _computing_experts(ids: Tensor, num_choices: int, num_experts: int, num_zero: int):
@@ -284,7 +316,7 @@ def moe_reference(inputs: MoEInputs, attrs: MoEAttrs) -> Tensor:
         if e < num_experts:
             y = expert_ffn(xf[tokens], w_in[e].to(acc), None if b_in is None else b_in[e].to(acc),
                            w_out[e].to(acc), None if b_out is None else b_out[e].to(acc), attrs.activation,
-                           attrs.gated)
+                           attrs.gated, attrs.halves)
         elif e < num_experts + attrs.num_zero + attrs.num_copy:
             y = xf[tokens]
         else:
@@ -345,7 +377,7 @@ def moe_backward_reference(grad_out: Tensor, inputs: MoEInputs, attrs: MoEAttrs)
         if e < num_experts:
             xe = xf[tokens]
             a = F.linear(xe, w_in[e].to(acc), None if b_in is None else b_in[e].to(acc))
-            h = activate(a, activation, gated)
+            h = activate(a, activation, gated, attrs.halves)
             y = F.linear(h, w_out[e].to(acc), None if b_out is None else b_out[e].to(acc))
             dy = g_out * flat_gates[slots, None]
             dw_out[e] = dy.T @ h
@@ -353,10 +385,11 @@ def moe_backward_reference(grad_out: Tensor, inputs: MoEInputs, attrs: MoEAttrs)
                 db_out[e] = dy.sum(0)
             dh = dy @ w_out[e].to(acc)
             if gated:
-                gate, up = a[:, 0::2], a[:, 1::2]
+                gate, up = gate_up(a, attrs.halves)
                 da = torch.empty_like(a)
-                da[:, 0::2] = dh * up * ACTIVATION_GRADS[activation](gate)
-                da[:, 1::2] = dh * ACTIVATIONS[activation](gate)
+                d_gate, d_up = gate_up(da, attrs.halves)
+                d_gate.copy_(dh * up * ACTIVATION_GRADS[activation](gate))
+                d_up.copy_(dh * ACTIVATIONS[activation](gate))
             else:
                 da = dh * ACTIVATION_GRADS[activation](a)
             dw_in[e] = da.T @ xe
@@ -492,7 +525,7 @@ def _check_shapes(inputs: MoEInputs, attrs: MoEAttrs) -> None:
              f"({num_experts} experts + {total - num_experts} zero-computation experts)")
     width = f_in // 2 if attrs.gated else f_in
     if attrs.gated and f_in % 2:
-        fail(f"gated experts need interleaved gate/up rows, but w_in has an odd row count {f_in}")
+        fail(f"gated experts need gate/up row pairs, but w_in has an odd row count {f_in}")
     if w_out.shape != (num_experts, hidden, width):
         fail(f"w_out is {tuple(w_out.shape)}, expected [{num_experts}, {hidden}, {width}]")
     for name, bias, shape in (("b_router", b_router, (total,)), ("b_in", b_in, (num_experts, f_in)),
