@@ -498,8 +498,15 @@ _CHECKED_MAX = 4096
 def check_inputs(inputs: MoEInputs, attrs: MoEAttrs) -> None:
     """Raise a ValueError naming the first tensor that breaks the contract (``MoEAttrs`` checks itself);
     shapes that passed before pass again without the checks."""
+    if torch.compiler.is_compiling():  # traced once per graph, and symbolic sizes do not hash
+        _check_shapes(inputs, attrs)
+        return
     key = (attrs, *[None if t is None else t.shape for t in inputs])
-    if key in _CHECKED:
+    try:
+        if key in _CHECKED:
+            return
+    except TypeError:  # symbolic sizes (fake-tensor tracing outside torch.compile)
+        _check_shapes(inputs, attrs)
         return
     _check_shapes(inputs, attrs)
     if len(_CHECKED) >= _CHECKED_MAX:
