@@ -40,9 +40,10 @@ from moefx.convert.rewrite import MoEFFN
 from moefx.layer import MoELayer
 from moefx.recipe import Recipe
 from moefx.runtime import call_model
-from moefx.shards import INDEX, MOEFX_INDEX, MOEFX_PREFIX, shard_files
+from moefx.shards import INDEX, MOEFX_INDEX, read_header, read_shard, shard_files
 
 WEIGHTS, RECIPE, EXAMPLE = "moefx_model.safetensors", "moefx.json", "moefx_example.safetensors"
+FILES = "moefx_files.json"  # the files moefx wrote into a checkpoint directory
 LEGACY_WEIGHTS = "model.safetensors"  # moefx-layout checkpoints written before the weights were renamed
 LAYOUTS = ("moefx", "mixtral", "qwen2_moe", "qwen3_moe")
 
@@ -91,15 +92,11 @@ def _write_moefx_layout(moe: nn.Module, path: str, recipe: Recipe, example: Any)
         json.dump(meta, f, indent=2)
 
 
-# files a save writes that a later save into the same directory must not leave behind
-_CHECKPOINT_FILES = (WEIGHTS, LEGACY_WEIGHTS, RECIPE, EXAMPLE, "config.json", "generation_config.json", INDEX,
-                     MOEFX_INDEX)
-
-
 def _write_atomically(path: str, write, check=None) -> None:
     """``write(directory)`` into a temporary directory beside ``path``, ``check(directory)`` it, then move its
-    files into ``path`` (each move atomic), removing checkpoint files of an earlier save that this one did
-    not write. Other files in ``path`` (a tokenizer) stay. Nothing in ``path`` changes if either raises."""
+    files into ``path`` (each move atomic), removing files of an earlier moefx save that this one did not write.
+    Files moefx did not write (the dense model's weights and config, a tokenizer) are never replaced or removed:
+    a save that would replace one is refused. Nothing in ``path`` changes if anything raises."""
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(path))}.moefx-", dir=parent)
@@ -107,24 +104,44 @@ def _write_atomically(path: str, write, check=None) -> None:
         write(staging)
         if check is not None:
             check(staging)
-        os.makedirs(path, exist_ok=True)
         written = set(os.listdir(staging))
-        for name in os.listdir(path):
-            stale = name in _CHECKPOINT_FILES or (name.startswith(("model-", MOEFX_PREFIX + "-"))
-                                                   and name.endswith(".safetensors"))
-            if stale and name not in written:
+        ours = written_by_moefx(path)
+        foreign = sorted(written & set(os.listdir(path) if os.path.isdir(path) else ()) - ours - {FILES})
+        if foreign:
+            raise ValueError(f"moefx.save_pretrained: {path} holds {', '.join(foreign[:3])}"
+                             f"{', ...' if len(foreign) > 3 else ''}, which moefx did not write (the dense model's "
+                             "checkpoint?) and this save would replace; save into another directory")
+        record_written(staging, written)
+        os.makedirs(path, exist_ok=True)
+        for name in ours - written:
+            if os.path.exists(os.path.join(path, name)):
                 os.remove(os.path.join(path, name))
-        for name in written:
+        for name in written | {FILES}:
             os.replace(os.path.join(staging, name), os.path.join(path, name))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def written_by_moefx(path: str) -> set[str]:
+    """The files moefx wrote into checkpoint directory ``path`` (its ``moefx_files.json``): the only ones a later
+    save may replace or remove."""
+    file = os.path.join(path, FILES)
+    if not os.path.exists(file):
+        return set()
+    with open(file) as f:
+        return set(json.load(f))
+
+
+def record_written(path: str, names) -> None:
+    with open(os.path.join(path, FILES), "w") as f:
+        json.dump(sorted(names), f, indent=0)
 
 
 def load_pretrained(path: str, model: Optional[nn.Module] = None) -> nn.Module:
     """Load what ``save_pretrained`` wrote. ``model``: the dense model to convert (any weights; they are
     replaced); default: built from the saved transformers config with ``AutoModel``'s class of the
     same name (or ``AutoModel``)."""
-    from safetensors.torch import load_file, load_model
+    from safetensors.torch import load_model
 
     if not os.path.exists(os.path.join(path, RECIPE)):
         raise ValueError(f"moefx.load_pretrained: {path} has no {RECIPE}; a checkpoint saved with layout='mixtral', "
@@ -134,33 +151,42 @@ def load_pretrained(path: str, model: Optional[nn.Module] = None) -> nn.Module:
     built = model is None
     if built:
         model = _dense_from_config(path, meta["model_class"])
-    stored = load_file(os.path.join(path, EXAMPLE))
+    stored = read_shard(os.path.join(path, EXAMPLE))
     items = {**stored, **meta["example_constants"]}
-    if meta["example_kind"] == "dict":
+    kind = meta["example_kind"]
+    positions = [str(i) for i in range(len(items))]
+    if kind not in ("dict", "tuple", "tensor") or (kind != "dict" and sorted(items) != positions) or (
+            kind == "tensor" and len(items) != 1):
+        raise ValueError(f"moefx.load_pretrained: {os.path.join(path, RECIPE)}: example_kind {kind!r} does not match "
+                         f"the stored example ({sorted(items)}) (edited?); save the converted model again")
+    if kind == "dict":
         example: Any = items
     else:
-        ordered = [items[str(i)] for i in range(len(items))]
-        example = ordered if meta["example_kind"] == "tuple" else ordered[0]
+        ordered = [items[p] for p in positions]
+        example = ordered if kind == "tuple" else ordered[0]
     if built and meta.get("dtype"):
         model = model.to(getattr(torch, meta["dtype"]))  # the saved dtype, not the config's default
     moe = rebuild(model, example, Recipe.from_dict(meta["recipe"], source=os.path.join(path, RECIPE)), inplace=built)
     if any(os.path.exists(os.path.join(path, index)) for index in (MOEFX_INDEX, INDEX)):
         _load_shards(moe, path)
     else:
-        weights = os.path.join(path, WEIGHTS)
-        load_model(moe, weights if os.path.exists(weights) else os.path.join(path, LEGACY_WEIGHTS), strict=True)
+        weights = next((os.path.join(path, w) for w in (WEIGHTS, LEGACY_WEIGHTS)
+                        if os.path.exists(os.path.join(path, w))), None)
+        if weights is None:
+            raise ValueError(f"moefx.load_pretrained: {path} has no weights: {WEIGHTS} is not there (nor shards "
+                             f"with {MOEFX_INDEX}); copy the whole checkpoint directory, or save it again")
+        read_header(weights)  # a truncated file is named
+        load_model(moe, weights, strict=True)
     return moe
 
 
 def _load_shards(moe: nn.Module, path: str) -> None:
     """Load a sharded checkpoint (``moefx convert`` writes one shard per block) strictly, one shard at a time;
     a tensor tied to another (a tied LM head) is stored once."""
-    from safetensors.torch import load_file
-
     expected = moe.state_dict()
     loaded: set[str] = set()
     for file in shard_files(path):
-        state = load_file(file)
+        state = read_shard(file)
         unexpected = moe.load_state_dict(state, strict=False).unexpected_keys
         if unexpected:
             raise ValueError(f"moefx.load_pretrained: {file} holds {unexpected[0]}, which the rebuilt model lacks; "
@@ -287,6 +313,38 @@ def _carve_for(layout: str, recipe: Recipe) -> str:
     renormalize = "renormalize=False" if layout == "qwen2_moe" else "renormalize=True"
     method = "" if not recipe.upcycle else "method='coactivation', "
     return f"convert with {method}gating='softmax', {renormalize}, router='least_squares', refit=True, biases=False"
+
+
+def layout_refusal(recipe: Recipe, layout: str) -> Optional[str]:
+    """Why ``layout`` cannot hold the layers ``recipe`` builds, with the option that fixes it, checked before
+    any block is converted (``_problem`` checks each built layer again); None when it can, or for "moefx"."""
+    if layout == "moefx":
+        return None
+    class_name = _TARGETS[layout][1]
+    all_active = recipe.top_k >= recipe.num_experts - recipe.num_shared
+    if recipe.top_p < 1.0:
+        return f"top_p={recipe.top_p} (dynamic-k); {class_name} routes exactly top_k experts: convert with top_p=1.0"
+    if recipe.zero_computation:
+        return f"zero-computation experts; {class_name} has none: convert with num_zero=0, num_copy=0, num_const=0"
+    if recipe.upcycle:
+        if recipe.granularity != 1:
+            return f"granularity={recipe.granularity}; {class_name} applies no gate scale: convert with granularity=1"
+        if layout == "qwen2_moe" and not all_active:
+            return ("upcycled experts have renormalised gates, which llama.cpp's qwen2moe never computes: "
+                    + _carve_for(layout, recipe))
+        return None
+    if recipe.gating != "softmax":
+        return (f"gating={recipe.gating!r}; {class_name} weights experts by the softmax of the router logits: "
+                + _carve_for(layout, recipe))
+    if recipe.biases:
+        return f"biases=True; {class_name} experts and router have no biases: convert with biases=False"
+    if layout in ("mixtral", "qwen3_moe") and recipe.num_shared:
+        return f"num_shared={recipe.num_shared}; {class_name} has no shared expert: convert with num_shared=0"
+    if layout in ("mixtral", "qwen3_moe") and not recipe.renormalize and not all_active:
+        return f"renormalize=False; {class_name} (and llama.cpp) renormalise the top-k gates: convert with renormalize=True"
+    if layout == "qwen2_moe" and recipe.renormalize and not all_active:
+        return "renormalize=True; llama.cpp's qwen2moe never renormalises the top-k gates: convert with renormalize=False"
+    return None
 
 
 def _problem(layer: MoELayer, layout: str, class_name: str, recipe: Recipe) -> Optional[tuple[str, str]]:

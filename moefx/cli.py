@@ -1,8 +1,10 @@
-"""The ``moefx`` command line."""
+"""The ``moefx`` command line. Each command imports what it runs only once its arguments parse, so
+``--help``, ``--version`` and a mistyped flag answer without loading the conversion stack."""
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import json
 import os
 import sys
@@ -31,31 +33,35 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
                         "(default 512)")
     parser.add_argument("--dtype", choices=tuple(DTYPES), help="dtype of the written weights (default: SRC's)")
     parser.add_argument("--layout", choices=LAYOUTS, default="moefx", help="'moefx' (moefx.load_pretrained) or a "
-                        "transformers MoE layout (AutoModelForCausalLM.from_pretrained)")
+                        "transformers MoE layout (AutoModelForCausalLM.from_pretrained) (default: moefx)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    options = parser.add_argument_group("recipe options (moefx.Recipe; default: the recipe file, else Recipe's)")
+    options = parser.add_argument_group("recipe options (moefx.Recipe; a flag overrides the recipe file, which "
+                                        "overrides the default shown)")
     hints = typing.get_type_hints(Recipe)
     for f in dataclasses.fields(Recipe):
         flags = ["--" + f.name.replace("_", "-"), *ALIASES.get(f.name, [])]
-        text = f.metadata["help"].replace("%", "%%") + f" (Recipe default: {f.default})"
+        text = f.metadata["help"].replace("%", "%%")
+        text += "" if "default" in text else f" (default: {'unset' if f.default is None else f.default})"
         kind = next((a for a in typing.get_args(hints[f.name]) if a is not type(None)), hints[f.name])  # Optional[X]
+        choices = f.metadata["choices"] and (*f.metadata["choices"], *("none",) * (f.default is None))
         if kind is bool:
             options.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
             options.add_argument(*flags, dest=f.name, type=kind if kind in (int, float) else str, default=None,
-                                 help=text)
+                                 choices=choices, help=text)
     return parser
 
 
 def recipe_from_args(args: argparse.Namespace):
-    """The recipe file's options overridden by the flags given."""
-    from moefx.recipe import Recipe
+    """The recipe file's options overridden by the flags given; ``Recipe.measured`` (at ``--active``, default 0.5)
+    when neither chooses the structure or the fitting method."""
+    from moefx.recipe import Recipe, resolve
 
     values = read_recipe_file(args.recipe) if args.recipe else {}
     values.update({name: getattr(args, name) for name in Recipe.help() if getattr(args, name) is not None})
     if values.get("pregate") in ("none", "None"):
         values["pregate"] = None
-    return Recipe.from_dict(values, source=args.recipe or "the flags")
+    return resolve(Recipe.from_dict(values, source=args.recipe or "the flags", only_known=True), args.layout)
 
 
 def read_recipe_file(path: str) -> dict:
@@ -94,8 +100,22 @@ def run_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse(parser: argparse.ArgumentParser, commands, argv: list[str] | None) -> argparse.Namespace:
+    """``parser.parse_args(argv)``, an unknown flag answered with the nearest one of its command."""
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        command = commands.choices.get(getattr(args, "command", None), parser)
+        flags = [flag for action in command._actions for flag in action.option_strings]
+        near = difflib.get_close_matches(unknown[0].split("=")[0], flags, n=1)
+        command.error(f"unrecognized arguments: {' '.join(unknown)}" + (f"; did you mean {near[0]}?" if near else ""))
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
+    from moefx import __version__
+
     parser = argparse.ArgumentParser(prog="moefx", description="Run dense PyTorch models as Mixture-of-Experts")
+    parser.add_argument("--version", action="version", version=f"moefx {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="convert all-MiniLM-L6-v2 with each method and compare embeddings")
     demo.add_argument("--sentences", type=int, default=300, help="held-out sentences to compare on")
@@ -126,22 +146,21 @@ def main(argv: list[str] | None = None) -> int:
         description="Convert the transformers model in SRC into an MoE model written to DST, one block at a time "
                     "(memory: one block plus the calibration activations). Recipe options come from --recipe FILE "
                     "(JSON or YAML), then from the flags."))
-    args = parser.parse_args(argv)
+    args = parse(parser, commands, argv)
     if args.command == "convert":
         return run_convert(args)
     if args.command == "demo":
         from moefx.demo import format_rows, run_demo
 
-        rows, onnx_error = run_demo(num_eval=args.sentences, num_calibration=args.calibration, onnx_path=args.onnx)
+        rows, parity = run_demo(num_eval=args.sentences, num_calibration=args.calibration, onnx_path=args.onnx)
         print("all-MiniLM-L6-v2 (real weights), sentence-embedding cosine to the dense model on "
               f"{args.sentences} sentences of Python's documentation:")
         print(format_rows(rows))
-        print(f"exported the split 8/top-2 model to {args.onnx}; onnxruntime vs PyTorch max abs error "
-              f"{onnx_error:.2e}")
+        print(f"exported the split 8/top-2 model to {args.onnx}; {parity}")
     elif args.command == "eval" and args.src:
         if not args.dst:
             parser.error("moefx eval SRC DST: pass both the dense and the converted checkpoint directories")
-        from moefx.checkpoint_eval import evaluate_pretrained
+        from moefx.evaluation.checkpoint import evaluate_pretrained
 
         try:
             print(evaluate_pretrained(args.src, args.dst, args.data, tokens=args.tokens,

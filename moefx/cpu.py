@@ -21,7 +21,7 @@ weight is copied or sliced per call. Zero-computation experts (MoE++) add one de
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -51,28 +51,45 @@ def moe_cpu(inputs: MoEInputs, attrs: MoEAttrs, strategy: Optional[str] = None) 
     # moefx.op.route looked up per call, so a patched route (tests) sees every call
     gates, ids = op.route(inputs.router_input, inputs.w_router, inputs.b_router, attrs)
     strategy = strategy or strategy_for(ids.numel(), inputs.w_in.shape[0])
-    if strategy == "grouped" and not _grouped_mm_fits(inputs, gates.dtype):
+    if strategy == "grouped" and not grouped_mm_fits(inputs, gates.dtype):
         strategy = "per_expert"
-    if strategy == "pairs":
-        out = _pairs(inputs, attrs, gates, ids)
-    else:
-        out = _sorted(inputs, attrs, gates, ids, strategy)
-        if attrs.num_copy or inputs.const_experts is not None:
-            out += _zero_computation_term(inputs, attrs, gates, ids)
+    out = routed_sum(inputs, attrs, gates, ids, strategy)
     return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
-def _weights(inputs: MoEInputs, e: int, acc: torch.dtype) -> tuple:
-    """Expert ``e``'s (w_in, b_in, w_out, b_out), views of the op's tensors (cast only for half types)."""
+ExpertWeights = Callable[[int], tuple]  # expert e -> its (w_in, b_in, w_out, b_out)
+
+
+def routed_sum(inputs: MoEInputs, attrs: MoEAttrs, gates: Tensor, ids: Tensor, strategy: str,
+               expert: Optional[ExpertWeights] = None) -> Tensor:
+    """y (in the accumulation dtype) for routing already decided (``gates``, ``ids`` from ``op.route``) with
+    ``strategy`` ("grouped" only where ``grouped_mm_fits``). ``expert(e)``, when given, supplies expert e's
+    weights in place of views of ``inputs`` (whose expert tensors then only give shapes and dtypes): the
+    offload runtime's cache ("pairs" and "per_expert" only), computed in the same order, so the same bits."""
+    weights = expert or (lambda e: _views(inputs, e))
+    if strategy == "pairs":
+        return _pairs(inputs, attrs, gates, ids, weights)
+    out = _sorted(inputs, attrs, gates, ids, strategy, weights)
+    if attrs.num_copy or inputs.const_experts is not None:
+        out += _zero_computation_term(inputs, attrs, gates, ids)
+    return out
+
+
+def _views(inputs: MoEInputs, e: int) -> tuple:
     b_in, b_out = inputs.b_in, inputs.b_out
-    weights = (inputs.w_in.select(0, e), None if b_in is None else b_in.select(0, e), inputs.w_out.select(0, e),
-               None if b_out is None else b_out.select(0, e))
-    if inputs.w_in.dtype == acc:
-        return weights
-    return tuple(None if t is None else t.to(acc) for t in weights)
+    return (inputs.w_in.select(0, e), None if b_in is None else b_in.select(0, e), inputs.w_out.select(0, e),
+            None if b_out is None else b_out.select(0, e))
 
 
-def _pairs(inputs: MoEInputs, attrs: MoEAttrs, gates: Tensor, ids: Tensor) -> Tensor:
+def _weights(weights: ExpertWeights, e: int, acc: torch.dtype) -> tuple:
+    """Expert ``e``'s (w_in, b_in, w_out, b_out), cast only for half types."""
+    tensors = weights(e)
+    if tensors[0].dtype == acc:
+        return tensors
+    return tuple(None if t is None else t.to(acc) for t in tensors)
+
+
+def _pairs(inputs: MoEInputs, attrs: MoEAttrs, gates: Tensor, ids: Tensor, weights: ExpertWeights) -> Tensor:
     """One GEMV pair per chosen (token, expert), the gate folded into the second; zero-computation experts
     inline."""
     acc = gates.dtype
@@ -87,7 +104,7 @@ def _pairs(inputs: MoEInputs, attrs: MoEAttrs, gates: Tensor, ids: Tensor) -> Te
     for (xt, out_t), row_ids, row_gates in zip(rows, ids.tolist(), gates.tolist()):
         for e, g in zip(row_ids, row_gates):
             if e < num_experts:
-                w_in, b_in, w_out, b_out = _weights(inputs, e, acc)
+                w_in, b_in, w_out, b_out = _weights(weights, e, acc)
                 h = activate(F.linear(xt, w_in, b_in), attrs.activation, attrs.gated, attrs.halves)
                 out_t.addmm_(h, w_out.T, alpha=g)
                 if b_out is not None:
@@ -119,7 +136,7 @@ def _activate_in_place(a: Tensor, attrs: MoEAttrs) -> Tensor:
     return act(a)
 
 
-def _grouped_mm_fits(inputs: MoEInputs, acc: torch.dtype) -> bool:
+def grouped_mm_fits(inputs: MoEInputs, acc: torch.dtype) -> bool:
     """``torch._grouped_mm`` on CPU takes fp32/half matrices whose strides are multiples of 16 bytes."""
     x, w_in, w_out = inputs.x, inputs.w_in, inputs.w_out
     if not x.dtype == w_in.dtype == w_out.dtype == acc == torch.float32:
@@ -128,7 +145,8 @@ def _grouped_mm_fits(inputs: MoEInputs, acc: torch.dtype) -> bool:
         n % 4 == 0 for n in (x.shape[1], w_in.shape[1], w_out.shape[2]))
 
 
-def _sorted(inputs: MoEInputs, attrs: MoEAttrs, gates: Tensor, ids: Tensor, strategy: str) -> Tensor:
+def _sorted(inputs: MoEInputs, attrs: MoEAttrs, gates: Tensor, ids: Tensor, strategy: str,
+            weights: ExpertWeights) -> Tensor:
     """The routed experts' sum with slots sorted by expert ("grouped" or "per_expert")."""
     acc = gates.dtype
     x, w_in, b_in, w_out, b_out = inputs.x, inputs.w_in, inputs.b_in, inputs.w_out, inputs.b_out
@@ -161,7 +179,7 @@ def _sorted(inputs: MoEInputs, attrs: MoEAttrs, gates: Tensor, ids: Tensor, stra
     for e, count in enumerate(counts.tolist()):
         if count:
             slots, tokens_e = order[start:start + count], tokens[start:start + count]
-            w_in_e, b_in_e, w_out_e, b_out_e = _weights(inputs, e, acc)
+            w_in_e, b_in_e, w_out_e, b_out_e = _weights(weights, e, acc)
             h = _activate_in_place(F.linear(x.index_select(0, tokens_e), w_in_e, b_in_e), attrs)
             y = F.linear(h, w_out_e, b_out_e).mul_(flat_gates.index_select(0, slots)[:, None])
             out.index_add_(0, tokens_e, y)

@@ -332,10 +332,14 @@ register_implementation("reference", moe_reference)
 @with_op_signature()
 def moe(*args) -> Tensor:
     inputs, attrs = unflatten(args)
+    check_inputs(inputs, attrs)
     return implementation(kernel_path(inputs.x.device))(inputs, attrs)
 
 
-moe.register_fake(lambda *args: torch.empty_like(args[0]))
+@moe.register_fake
+def _(*args) -> Tensor:
+    check_inputs(*unflatten(args))  # refused when traced (torch.compile, export), not when first run
+    return torch.empty_like(args[0])
 
 
 ACTIVATION_GRADS = {
@@ -468,16 +472,16 @@ register_autograd(moe)
 
 
 def moe_op(inputs: MoEInputs, attrs: MoEAttrs) -> Tensor:
-    """Validate the tensors against the contract, then call ``torch.ops.moefx.moe``.
+    """Call ``torch.ops.moefx.moe``, which validates the tensors against the contract.
 
     Eager inference on plain CPU tensors calls the selected implementation directly: the custom op's
     Python dispatch (autograd wrapper, redispatch, alias checks) costs as much as a one-token MoE
     layer. Whenever the call could be recorded or differentiated (torch.compile, export, any dispatch
     or function mode, functorch transforms, jit tracing, a tensor needing grad), the op itself runs."""
-    check_inputs(inputs, attrs)
     if _eager_cpu_inference(inputs):
+        check_inputs(inputs, attrs)
         return implementation(kernel_path(inputs.x.device))(inputs, attrs)
-    return torch.ops.moefx.moe(*inputs, *attrs.flat())
+    return torch.ops.moefx.moe(*inputs, *attrs.flat())  # checks the inputs itself
 
 
 def _eager_cpu_inference(inputs: MoEInputs) -> bool:

@@ -20,8 +20,8 @@ GATINGS = ("unit", "softmax", "sigmoid")
 PREGATES = ("block",)
 
 
-def _option(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
+def _option(default: Any, help: str, choices: Optional[tuple] = None) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices})
 
 
 @dataclass(frozen=True)
@@ -29,18 +29,23 @@ class Recipe:
     """How ``moefx.convert`` turns each dense FFN into an MoE layer."""
 
     num_experts: int = _option(8, "experts per layer, shared ones included; the FFN width must divide by it "
-                                  "(method='upcycle': copies of the FFN)")
+                                  "(method='upcycle': copies of the FFN). With no structure or method option given, "
+                                  "convert uses Recipe.measured: 64 experts, half the active share shared, "
+                                  "co-activation, least-squares router, refit, at active=0.5")
     top_k: Optional[int] = _option(None, "routed experts active per token, besides the num_shared shared ones "
                                          "(default 2, or what active= asks for)")
     method: str = _option("split", "'split' (MoEfication: balanced k-means on W_in rows), 'coactivation' (neurons "
                                    "clustered by activation pattern on the calibration data), 'random' "
-                                   "(MoEfication's baseline), or 'upcycle' (copies of the FFN; sparse upcycling)")
+                                   "(MoEfication's baseline), or 'upcycle' (copies of the FFN; sparse upcycling)",
+                                   choices=METHODS)
     num_shared: int = _option(0, "always-active experts made of the most important neurons (DeepSeekMoE, CMoE)")
     importance: str = _option("activation", "what puts a neuron in a shared expert: 'activation' (how often it "
-                                            "fires, CMoE) or 'taylor' (sum of |dL/dh * h|, Dense2MoE / LLaMA-MoE)")
+                                            "fires, CMoE) or 'taylor' (sum of |dL/dh * h|, Dense2MoE / LLaMA-MoE)",
+                                            choices=IMPORTANCES)
     router: str = _option("centroid", "how carved experts are scored: 'centroid' (mean W_in row of the expert's "
                                       "neurons), 'representative' (CMoE), 'least_squares' (closed-form ridge "
-                                      "regression of the oracle's choice) or 'distilled' (the same target, Adam)")
+                                      "regression of the oracle's choice) or 'distilled' (the same target, Adam)",
+                                      choices=tuple(ROUTERS))
     compensate: bool = _option(False, "give every expert its mean output over the tokens that skip it as a bias")
     refit: bool = _option(False, "closed-form ridge least-squares fit of the experts' output weights and biases to "
                                  "the dense FFN's output under the final routing")
@@ -49,7 +54,8 @@ class Recipe:
                                   "serving engines compute), with the output weights refit under those gates (needs a "
                                   "fitted router and refit=True). With top_k = the routed experts every combination is "
                                   "exact: the router is zeroed, so all gates are equal (1/E, or 1/2 for unrenormalised "
-                                  "sigmoid), and the output weights are divided by that gate")
+                                  "sigmoid), and the output weights are divided by that gate",
+                                  choices=GATINGS)
     renormalize: bool = _option(False, "gating='softmax' | 'sigmoid': divide the top_k gates by their sum (Mixtral, "
                                        "norm_topk_prob=True)")
     biases: bool = _option(True, "False: router fit and refit add no bias terms (router, expert-output and layer "
@@ -66,7 +72,8 @@ class Recipe:
     num_copy: int = _option(0, "copy experts (MoE++): output x")
     num_const: int = _option(0, "constant experts (MoE++): output a learned vector")
     pregate: Optional[str] = _option(None, "'block': Read-ME pre-gating, each layer routed from the input of its "
-                                           "transformer block")
+                                           "transformer block",
+                                           choices=PREGATES)
     distill_steps: int = _option(0, "end-to-end distillation steps against the dense model after the "
                                     "training-free stages (moefx.distill)")
     sample_tokens: int = _option(2048, "hidden-activation rows kept per FFN for co-activation clustering")
@@ -234,21 +241,79 @@ class Recipe:
     def fitted_router(self) -> bool:
         return self.router in FITTED_ROUTERS
 
+    def check_width(self, name: str, width: int) -> None:
+        """Refuse FFN ``name`` of ``width`` neurons if this recipe's experts do not split it evenly."""
+        if self.upcycle and width % self.granularity:
+            fail(f"{name} has {width} neurons, which do not split into granularity={self.granularity} equal shards")
+        if not self.upcycle and width % self.num_experts:
+            divisors = [d for d in range(2, min(width, 128) + 1) if width % d == 0]
+            fix = (f"pick num_experts from {divisors}" if divisors else
+                   f"{width} has no divisor from 2 to 128, so no carving splits it evenly; convert with "
+                   "method='upcycle' (each expert a copy of the whole FFN)")
+            fail(f"{name} has {width} neurons, which do not split into num_experts={self.num_experts} equal "
+                 f"experts; {fix}")
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict, source: str = "the recipe") -> "Recipe":
+    def from_dict(cls, values: dict, source: str = "the recipe", only_known: bool = False):
+        """The recipe of ``values``; ``only_known``: just check that every key is an option, and return them."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
             fail(f"{source} has unknown option(s) {unknown}; the options are {sorted(known)}")
-        return cls(**values)
+        return dict(values) if only_known else cls(**values)
+
+    @classmethod
+    def measured(cls, active: Optional[float] = None, shared: bool = True, **options: Any) -> "Recipe":
+        """The best training-free recipe ``bench/bench_llm.py`` measured on a real LLM (SmolLM2-135M, WikiText-2),
+        at ``active`` (default 0.5): ``MEASURED_EXPERTS`` fine-grained experts, half of the active share in
+        always-active shared experts, co-activation carving, least-squares router, closed-form refit
+        (DeepSeekMoE's fine and shared experts, MoEfication's co-activation split, CMoE's shared experts).
+        What ``convert`` and ``moefx convert`` use when no option of ``STRUCTURE_OPTIONS`` is given; ``options``
+        are the other fields (seed, holdout, gating, ...). ``shared`` False: every active expert routed (the
+        Mixtral / Qwen3-MoE layouts hold no shared expert)."""
+        chosen = sorted(set(options) & set(MEASURED_SETS))
+        if chosen:
+            fail(f"Recipe.measured sets {chosen} itself; build Recipe(...) to choose them")
+        active = MEASURED_ACTIVE if active is None else active
+        experts = MEASURED_EXPERTS
+        routed_and_shared = round(active * experts)
+        return cls(num_experts=experts, num_shared=routed_and_shared // 2 if shared and routed_and_shared > 1 else 0,
+                   active=active, method="coactivation", router="least_squares", refit=True, **options)
 
     @classmethod
     def help(cls) -> dict[str, str]:
         """{option: its help text}."""
         return {f.name: f.metadata["help"] for f in dataclasses.fields(cls)}
+
+
+def resolve(options: dict[str, Any], layout: str = "moefx") -> Recipe:
+    """The recipe ``options`` (``Recipe`` fields) ask for: ``Recipe.measured`` when none of them chooses the
+    structure or the fitting method (``STRUCTURE_OPTIONS``), else ``Recipe(**options)``. For a transformers MoE
+    ``layout`` of carved experts the options left open are set to what it holds: softmax gates over a fitted
+    router with refit, no bias terms, top-k gates renormalised for mixtral / qwen3_moe (not for qwen2_moe), and
+    no shared expert in mixtral / qwen3_moe (the measured recipe routes every active expert there)."""
+    measured = not set(options) & set(STRUCTURE_OPTIONS)
+    if layout != "moefx" and options.get("method") != "upcycle":
+        options = {"gating": "softmax", "biases": False, "renormalize": layout != "qwen2_moe", **options}
+        if not measured:
+            options = {"router": "least_squares", "refit": True, **options}
+    if measured:
+        return Recipe.measured(shared=layout not in ("mixtral", "qwen3_moe"), **options)
+    return Recipe(**options)
+
+
+# the measured default (``Recipe.measured``): the share of each FFN a token runs, and the experts per layer
+MEASURED_ACTIVE = 0.5
+MEASURED_EXPERTS = 64
+# what Recipe.measured chooses itself
+MEASURED_SETS = ("num_experts", "top_k", "method", "num_shared", "router", "refit")
+# options that decide the structure or the fitting method: with none of them given, convert uses Recipe.measured
+STRUCTURE_OPTIONS = ("num_experts", "top_k", "method", "num_shared", "importance", "router", "compensate", "refit",
+                     "gating", "renormalize", "biases", "granularity", "drop_rate", "num_zero", "num_copy",
+                     "num_const", "pregate")
 
 
 def fail(message: str):

@@ -2,16 +2,44 @@
 
 A batch (calibration or evaluation) is a model input: a dict of keyword arguments (a
 tokenizer's output), a tuple/list of positional arguments, or one tensor. Every part of moefx
-that runs a model goes through ``call_model``/``run_batch`` and registers hooks with ``hooks``.
+that takes data reads it with ``read_batches``, runs a model through ``call_model``/``run_batch``
+and registers hooks with ``hooks``.
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterator, Optional
+from collections.abc import Mapping
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
+
+
+def read_batches(data: Iterable[Any], who: str, name: str, hint: str = "") -> list:
+    """``data`` (argument ``name`` of ``who``) as a list of batches in new containers, mappings (a tokenizer's
+    BatchEncoding) as dicts: a model that adds keys to its input dict, as SentenceTransformer does, must not
+    change them for the next use. A bare batch and no batch are refused; ``hint`` says why data is needed."""
+    if isinstance(data, Mapping):
+        raise ValueError(f"{who}: {name} is one {type(data).__name__} (a single batch); iterating it would give its "
+                         f"keys {list(data)[:4]}. Pass a list of batches: {name}=[batch]")
+    if isinstance(data, Tensor):
+        raise ValueError(f"{who}: {name} is one tensor of shape {tuple(data.shape)}; iterating it would call the "
+                         f"model on each row alone. Pass a list of model inputs: {name}=[x]")
+    batches = [_copy_batch(b) for b in data]
+    if not batches:
+        raise ValueError(f"{who}: {name} is empty; pass at least one model input (e.g. {name}=[tokenizer(texts, "
+                         f"return_tensors='pt')]){hint}")
+    return batches
+
+
+def _copy_batch(batch: Any) -> Any:
+    """New containers (dicts, lists, tuples) around the same tensors."""
+    if isinstance(batch, Mapping):
+        return {k: _copy_batch(v) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)) and not hasattr(batch, "_fields"):
+        return type(batch)(_copy_batch(v) for v in batch)
+    return batch
 
 
 def call_model(model: nn.Module, batch: Any) -> Any:
@@ -29,6 +57,8 @@ def run_batch(run: Callable[[Any], Any], batch: Any, index: int) -> Any:
         with torch.no_grad():
             return run(batch)
     except Exception as error:
+        if isinstance(error, (TypeError, ValueError)) and str(error).startswith("moefx"):  # a call moefx refuses
+            raise ValueError(f"moefx: calibration batch {index}: {error}") from error
         raise ValueError(f"moefx: the model rejected calibration batch {index} ({type(error).__name__}: {error}); "
                          "each batch must be a model input: a tensor, a tuple of positional arguments, or a dict "
                          "of keyword arguments") from error
@@ -40,6 +70,12 @@ def output_tensor(output: Any) -> Tensor:
         if isinstance(leaf, Tensor) and leaf.is_floating_point():
             return leaf
     raise ValueError("moefx: the model output holds no floating-point tensor")
+
+
+def logits_of(output: Any) -> Optional[Tensor]:
+    """The next-token logits [B, S, V] of a model output (``.logits``), or None when it has none."""
+    logits = getattr(output, "logits", None)
+    return logits if isinstance(logits, Tensor) and logits.dim() == 3 else None
 
 
 def token_mask(batch: Any, shape: torch.Size) -> Optional[Tensor]:

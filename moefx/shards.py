@@ -9,7 +9,9 @@ transformers' ``from_pretrained`` and ``moefx.load_pretrained`` read.
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -46,10 +48,22 @@ class SourceShards:
 
     def __init__(self, path: str):
         self.path = path
-        files = self._files()
+        self.files = self._files()
         self.tensors: dict[str, StoredTensor] = {}
-        for file in files:
+        for file in self.files:
             self.tensors.update(read_header(file))
+
+    def fingerprint(self) -> dict[str, list]:
+        """{file: [size, mtime in ns, SHA-256 of its header]}: what a resumed conversion checks the source against
+        (a changed or re-saved shard differs in one of them)."""
+        out = {}
+        for file in self.files:
+            stat = os.stat(file)
+            with open(file, "rb") as f:
+                head = f.read(8)
+                head += f.read(struct.unpack("<Q", head)[0])
+            out[os.path.basename(file)] = [stat.st_size, stat.st_mtime_ns, hashlib.sha256(head).hexdigest()]
+        return out
 
     def _files(self) -> list[str]:
         index = next((os.path.join(self.path, i) for i in (INDEX, MOEFX_INDEX)
@@ -105,27 +119,42 @@ class SourceShards:
 
 
 def read_header(file: str) -> dict[str, StoredTensor]:
-    """{name: StoredTensor} from a safetensors file's header (the 8-byte length, then JSON)."""
+    """{name: StoredTensor} from a safetensors file's header (the 8-byte length, then JSON), checked against
+    the file's size: a truncated or malformed file is refused by name."""
+    size = os.path.getsize(file)
+    broken = f"moefx: {file} is truncated or not a safetensors file"
+    again = "download or save it again"
     with open(file, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
-            raise ValueError(f"moefx: {file} is not a safetensors file (truncated); download it again")
+            raise ValueError(f"{broken} ({size} bytes); {again}")
         (length,) = struct.unpack("<Q", head)
+        if length > size - 8:
+            raise ValueError(f"{broken}: its header is {length:,} bytes long, the file {size:,}; {again}")
         try:
             header = json.loads(f.read(length))
         except (json.JSONDecodeError, UnicodeDecodeError):
-            raise ValueError(f"moefx: {file} is not a safetensors file (unreadable header); download it again") \
-                from None
+            raise ValueError(f"{broken} (unreadable header); {again}") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{broken} (its header is no JSON object); {again}")
     base = 8 + length
     tensors = {}
     for name, entry in header.items():
         if name == "__metadata__":
             continue
-        if entry["dtype"] not in DTYPES:
-            raise ValueError(f"moefx: {file} stores {name} as {entry['dtype']}, which moefx does not read; "
+        try:
+            dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"{broken} (the header entry of {name} lacks dtype, shape or data_offsets); {again}") \
+                from None
+        if dtype not in DTYPES:
+            raise ValueError(f"moefx: {file} stores {name} as {dtype}, which moefx does not read; "
                              f"convert the checkpoint to one of {sorted(DTYPES)}")
-        begin, end = entry["data_offsets"]
-        tensors[name] = StoredTensor(file, DTYPES[entry["dtype"]], tuple(entry["shape"]), base + begin, end - begin)
+        nbytes = math.prod(shape) * _itemsize(DTYPES[dtype])
+        if not 0 <= begin <= end or end - begin != nbytes or base + end > size:
+            raise ValueError(f"{broken}: {name} ({dtype} {list(shape)}, {nbytes:,} bytes) lies at bytes "
+                             f"{base + begin:,}-{base + end:,} of a {size:,}-byte file; {again}")
+        tensors[name] = StoredTensor(file, DTYPES[dtype], shape, base + begin, end - begin)
     return tensors
 
 
@@ -232,9 +261,10 @@ def write_safetensors(file: str, tensors: dict[str, Union[Tensor, Copied]]) -> N
 
 
 def read_shard(file: str) -> dict[str, Tensor]:
-    """Every tensor of one safetensors file."""
+    """Every tensor of one safetensors file (a truncated or malformed one refused by name)."""
     from safetensors.torch import load_file
 
+    read_header(file)
     return load_file(file)
 
 

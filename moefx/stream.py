@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from moefx.convert import convert, rebuild
 from moefx.convert.stages import ConversionReport, LayerOrigin
-from moefx.recipe import Recipe
+from moefx.recipe import Recipe, resolve
 from moefx.runtime import call_model
 from moefx.shards import MOEFX_PREFIX, Copied, ShardWriter, SourceShards, read_shard
 from moefx.summary import Summary, summary
@@ -86,24 +86,29 @@ def convert_pretrained(src: str, dst: str, recipe: Optional[Recipe] = None, *,
 
     Blocks are computed in float32 whatever the checkpoint's dtype.
     """
-    from moefx.checkpoint import LAYOUTS
+    from moefx.checkpoint import LAYOUTS, layout_refusal
 
     start = time.perf_counter()
-    if recipe is None:
-        recipe = Recipe(**options)
-    elif options:
-        raise TypeError("moefx.convert_pretrained: pass either recipe= or the recipe's fields as keywords, not both")
     if layout not in LAYOUTS:
         raise ValueError(f"moefx.convert_pretrained: layout={layout!r} is not one of {LAYOUTS}")
+    if recipe is None:
+        recipe = resolve(options, layout)
+    elif options:
+        raise TypeError("moefx.convert_pretrained: pass either recipe= or the recipe's fields as keywords, not both")
+    refusal = layout_refusal(recipe, layout)
+    if refusal:
+        raise ValueError(f"moefx: layout={layout!r} cannot hold this recipe's layers: {refusal}")
     source = Source(src)
     out_dtype = source.output_dtype(dtype)
     _check_destination(dst)
     ids = calibration_ids(source, calibration, calibration_tokens, sequence_length)
     partial = dst.rstrip("/") + PARTIAL
     settings = dict(source=os.path.abspath(src), recipe=recipe.to_dict(), dtype=str(out_dtype), layout=layout,
-                    calibration=_fingerprint(ids))
+                    calibration=_fingerprint(ids), weights=source.shards.fingerprint())
     model = source.meta_model()
     stack = layer_stack(model)
+    if stack is not None:
+        _check_width(source.config, *stack, recipe)
     try:
         if stack is None:
             result = _convert_in_memory(source, partial, recipe, ids, out_dtype, layout, progress)
@@ -127,6 +132,16 @@ def convert_pretrained(src: str, dst: str, recipe: Optional[Recipe] = None, *,
     return result
 
 
+def _check_width(config, stack_name: str, stack: nn.ModuleList, recipe: Recipe) -> None:
+    """The recipe against the FFN width the config states, before any block is read (block 0's conversion
+    checks every FFN it finds); a width no linear layer of block 0 has is not taken for the FFN's."""
+    key = next((k for k in ("intermediate_size", "ffn_dim", "n_inner", "d_ff") if getattr(config, k, None)), None)
+    width = getattr(config, key) if key else None
+    linear = [m for m in stack[0].modules() if isinstance(m, nn.Linear)]
+    if width and any(width in (m.in_features, m.out_features) for m in linear):
+        recipe.check_width(f"{stack_name}.0 ({key}={width})", width)
+
+
 def _discard_if_nothing_written(partial: str) -> None:
     """A failed run that finished no block leaves nothing behind; one that did keeps its blocks to resume."""
     if os.path.isdir(partial) and not os.path.exists(os.path.join(partial, PROGRESS)):
@@ -147,13 +162,22 @@ class Source:
 
         self.path = path
         self.config = transformers.AutoConfig.from_pretrained(path)
+        if getattr(self.config, "is_encoder_decoder", False):
+            raise ValueError(f"moefx: {path} holds an encoder-decoder model ({self.config.model_type}), which moefx "
+                             "converts only in memory: load it, moefx.convert(model, calibration=[{'input_ids': ..., "
+                             "'decoder_input_ids': ...}], ...), then moefx.save_pretrained(moe, dst)")
         self.shards = SourceShards(path)
         self.architecture = (getattr(self.config, "architectures", None) or [None])[0]
         self._tokenizer = None
 
     @property
     def causal_lm(self) -> bool:
-        return bool(self.architecture and self.architecture.endswith("ForCausalLM"))
+        """Whether the config's architecture is a class ``AutoModelForCausalLM`` builds (``LlamaForCausalLM``, and
+        ``GPT2LMHeadModel`` whose name says otherwise)."""
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        names = {n for v in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() for n in ([v] if isinstance(v, str) else v)}
+        return self.architecture in names
 
     def model_class(self):
         """``AutoModelForCausalLM`` when the config's architecture is a causal LM (it keeps its head), else
@@ -194,11 +218,12 @@ class Source:
         """{model state-dict key: checkpoint key}; keys tied to another (a tied LM head) are left out."""
         prefix = getattr(model, "base_model_prefix", "") or ""
         tied = _aliases(model)
+        renamed = _renamed(model, self.shards.tensors)
         mapping, missing = {}, []
         for key in model.state_dict(keep_vars=True):
             candidates = [key] + ([key[len(prefix) + 1:]] if prefix and key.startswith(prefix + ".") else []) + (
                 [f"{prefix}.{key}"] if prefix else [])
-            found = next((c for c in candidates if c in self.shards), None)
+            found = next((renamed[c] for c in candidates if c in renamed), None)
             if found is not None:
                 mapping[key] = found
             elif key not in tied and not _non_persistent(model, key):
@@ -208,6 +233,16 @@ class Source:
                              f"{type(model).__name__} ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); "
                              "check that config.json belongs to these weights, or that every shard is there")
         return mapping
+
+
+def _renamed(model: nn.Module, keys: Iterable[str]) -> dict[str, str]:
+    """{checkpoint key as transformers renames it on loading: checkpoint key} (GPT-NeoX stores its head as
+    ``embed_out``, the model names it ``lm_head``)."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming, apply_renamings
+
+    renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
+    return {apply_renamings(key, renamings): key for key in sorted(keys)}
 
 
 def _aliases(model: nn.Module) -> set[str]:
@@ -233,6 +268,9 @@ def _check_destination(dst: str) -> None:
     parent = os.path.dirname(os.path.abspath(dst))
     if not os.path.isdir(parent):
         raise ValueError(f"moefx: the directory {parent} that would hold {dst} does not exist; create it first")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"moefx: cannot write into {parent}, which would hold {dst} (and {os.path.basename(dst)}"
+                         f"{PARTIAL} while converting); pass a DST in a directory you can write to")
 
 
 def layer_stack(model: nn.Module) -> Optional[tuple[str, nn.ModuleList]]:
@@ -258,34 +296,50 @@ def read_calibration(file: str) -> list:
     lists (JSONL ``input_ids``)."""
     if not os.path.isfile(file):
         raise ValueError(f"moefx: calibration file {file} does not exist")
+    jsonl = file.endswith((".jsonl", ".json"))
     samples = []
-    with open(file, encoding="utf-8") as f:
-        if file.endswith((".jsonl", ".json")):
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise ValueError(f"moefx: {file} line {number} is not JSON ({error}); a JSONL calibration file "
-                                     "holds one {\"text\": ...} record per line") from None
-                value = record.get("text", record.get("input_ids")) if isinstance(record, dict) else None
-                if value is None:
-                    raise ValueError(f"moefx: {file} line {number} has no 'text' (or 'input_ids') field; each JSONL "
-                                     "record must hold one")
-                samples.append(value)
-        else:
-            samples = [line.rstrip("\n") for line in f if line.strip()]
+    with open(file, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise ValueError(f"moefx: {file} line {number} is not UTF-8 text ({error.reason} at byte "
+                                 f"{error.start}); save the file as UTF-8 (e.g. iconv -t UTF-8)") from None
+            if line.strip():
+                samples.append(_record(file, number, line) if jsonl else line.rstrip("\r\n"))
     if not samples:
         raise ValueError(f"moefx: calibration file {file} holds no samples")
     return samples
 
 
+def _record(file: str, number: int, line: str) -> Union[str, list[int]]:
+    """The sample of JSONL line ``number``: its ``text`` string or its ``input_ids`` list of token ids."""
+    where = f"moefx: {file} line {number}"
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{where} is not JSON ({error}); a JSONL calibration file holds one {{\"text\": ...}} "
+                         "record per line") from None
+    if not isinstance(record, dict) or ("text" not in record and "input_ids" not in record):
+        raise ValueError(f"{where} has no 'text' (or 'input_ids') field; each JSONL record must hold one")
+    if "text" in record:
+        if not isinstance(record["text"], str):
+            raise ValueError(f"{where}: 'text' is a {type(record['text']).__name__}, not a string; write the "
+                             "sample as {\"text\": \"...\"}")
+        return record["text"]
+    ids = record["input_ids"]
+    if not isinstance(ids, list) or not ids or not all(type(t) is int and t >= 0 for t in ids):
+        raise ValueError(f"{where}: 'input_ids' is not a non-empty list of token ids (integers >= 0); write the "
+                         "sample as {\"input_ids\": [101, 2023, ...]}")
+    return ids
+
+
 def calibration_ids(source: Source, calibration: Union[str, Sequence, None], tokens: int,
-                    sequence_length: int) -> list[Tensor]:
+                    sequence_length: int, fewer: bool = False) -> list[Tensor]:
     """``tokens`` calibration tokens as batches of [sequences, sequence_length] token ids: the samples are
     tokenised, joined (separated by the EOS token) and cut into sequences, each opening with BOS when the
-    tokenizer adds one (no padding anywhere)."""
+    tokenizer adds one (no padding anywhere). Samples giving fewer tokens are refused, or with ``fewer`` all
+    taken (held-out data for ``moefx eval``)."""
     if tokens < 1 or sequence_length < 1:
         raise ValueError(f"moefx: calibration_tokens={tokens} and sequence_length={sequence_length} must be >= 1")
     limit = getattr(source.config, "max_position_embeddings", None)
@@ -318,6 +372,8 @@ def calibration_ids(source: Source, calibration: Union[str, Sequence, None], tok
             stream.append(eos)
         if len(stream) >= needed:
             break
+    if len(stream) < needed and fewer:
+        needed = len(stream)
     if len(stream) < needed:
         raise ValueError(f"moefx: {origin} gives {len(stream):,} tokens; {tokens:,} calibration tokens were asked "
                          "for: add samples, or lower calibration_tokens (--calibration-tokens)")
@@ -385,7 +441,10 @@ class Streamer:
         skip = self._big_tables()
         inside = lambda name: name == self.stack_name or name.startswith(self.stack_name + ".")  # noqa: E731
         for name, module in self.model.named_modules():
-            if inside(name) or any(name == s or name.startswith(s + ".") for s in skip):
+            if inside(name):
+                continue
+            if any(name == s or name.startswith(s + ".") for s in skip):
+                self._initialise_buffers(module, name)  # the table stays on disk, its scale (Gemma's) does not
                 continue
             self._materialise(module, name, recurse=False)
 
@@ -409,27 +468,32 @@ class Streamer:
                 state[name] = self.source.shards.read(key, torch.float32 if tensor.is_floating_point() else None)
         module.load_state_dict(state, strict=False, assign=True)
         for sub_name, sub in (module.named_modules() if recurse else [("", module)]):
-            meta = [n for n, b in sub._buffers.items() if b is not None and b.is_meta]
-            if not meta:
-                continue
-            for n in meta:
-                sub._buffers[n] = torch.empty_like(sub._buffers[n], device="cpu")
-            kept = {n: p.detach().clone() for n, p in sub._parameters.items() if p is not None and not p.is_meta}
-            init = getattr(self.model, "_init_weights", None)
-            if init is None:
-                raise ValueError(f"moefx: {dot + sub_name} keeps buffers {meta} outside the checkpoint and "
-                                 f"{type(self.model).__name__} has no _init_weights to compute them; convert in "
-                                 "memory: moefx.convert(model, ...)")
-            with torch.no_grad():
-                init(sub)
-                for n, value in kept.items():
-                    sub._parameters[n].copy_(value)
+            self._initialise_buffers(sub, dot + sub_name)
         tied = _aliases(self.model)
         left = [n for n, t in (module.state_dict(keep_vars=True).items() if recurse else _direct(module))
                 if t.is_meta and dot + n not in tied]
         if left:
             raise ValueError(f"moefx: {dot + left[0]} has no value in the checkpoint; check that config.json belongs "
                              "to these weights")
+
+    def _initialise_buffers(self, module: nn.Module, name: str) -> None:
+        """``module``'s own buffers still on the meta device, computed by the model's initialisation (its
+        parameters keep their values)."""
+        meta = [n for n, b in module._buffers.items() if b is not None and b.is_meta]
+        if not meta:
+            return
+        for n in meta:
+            module._buffers[n] = torch.empty_like(module._buffers[n], device="cpu")
+        kept = {n: p.detach().clone() for n, p in module._parameters.items() if p is not None and not p.is_meta}
+        init = getattr(self.model, "_init_weights", None)
+        if init is None:
+            raise ValueError(f"moefx: {name} keeps buffers {meta} outside the checkpoint and "
+                             f"{type(self.model).__name__} has no _init_weights to compute them; convert in "
+                             "memory: moefx.convert(model, ...)")
+        with torch.no_grad():
+            init(module)
+            for n, value in kept.items():
+                module._parameters[n].copy_(value)
 
     def embed(self, batch: Tensor) -> Tensor:
         """The input embedding of ``batch``, computed by the model's own embedding module (which may scale it)
@@ -438,13 +502,14 @@ class Streamer:
         names = {m: n for n, m in self.model.named_modules()}
         unique, inverse = torch.unique(batch, return_inverse=True)
         rows = self.source.shards.rows(self.keys[names[table] + ".weight"], unique, torch.float32)
-        whole = table.weight
+        whole, padding = table.weight, table.padding_idx
         table.weight = nn.Parameter(rows, requires_grad=False)
+        table.padding_idx = None  # an index into the whole table (it only masks gradients)
         try:
             with torch.no_grad():
                 return table(inverse)
         finally:
-            table.weight = whole
+            table.weight, table.padding_idx = whole, padding
 
     def record_calls(self) -> tuple[str, list[Tensor], list[list[dict]]]:
         """The blocks' calls in the parent's forward on each calibration batch: the name of the hidden-state
@@ -607,6 +672,12 @@ class Streamer:
             return 0
         with open(file) as f:
             state = json.load(f)
+        old, new = state["settings"].get("weights", {}), self.settings["weights"]
+        changed = [f for f in sorted(set(old) | set(new)) if old.get(f) != new.get(f)]
+        if changed:
+            raise ValueError(f"moefx: the weights in {self.source.path} changed since the interrupted conversion in "
+                             f"{self.partial} began ({changed[0]} differs in size, modification time or header); "
+                             "its blocks belong to the old weights: remove it and convert again")
         if state.get("settings") != self.settings:
             raise ValueError(f"moefx: {self.partial} holds an interrupted conversion with other settings (source, "
                              "recipe, dtype, layout or calibration); remove it to start afresh, or rerun the same "
@@ -626,7 +697,7 @@ class Streamer:
     def _finish(self) -> None:
         """The tensors outside the stack (copied as they are stored, cast to the output dtype), the index,
         config, tokenizer and, for layout="moefx", the recipe with a calibration row."""
-        from moefx.checkpoint import EXAMPLE, RECIPE
+        from moefx.checkpoint import EXAMPLE, RECIPE, record_written
         from safetensors.torch import save_file
 
         inside = self.stack_name + "."
@@ -644,8 +715,6 @@ class Streamer:
         for extra in ("generation_config.json",):
             if os.path.exists(os.path.join(self.source.path, extra)):
                 shutil.copy(os.path.join(self.source.path, extra), self.partial)
-        if self.source._tokenizer is not None:
-            self.source._tokenizer.save_pretrained(self.partial)
         if self.layout == "moefx":
             example = {"input_ids": self.ids[0][:1, :64].clone()}
             save_file(example, os.path.join(self.partial, EXAMPLE))
@@ -654,6 +723,9 @@ class Streamer:
             with open(os.path.join(self.partial, RECIPE), "w") as f:
                 json.dump(meta, f, indent=2)
         os.remove(os.path.join(self.partial, PROGRESS))
+        record_written(self.partial, os.listdir(self.partial))
+        if self.source._tokenizer is not None:  # not recorded: a later moefx save keeps it
+            self.source._tokenizer.save_pretrained(self.partial)
 
 
 def _direct(module: nn.Module) -> Iterable[tuple[str, Tensor]]:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from moefx.layer import MoELayer
-from moefx.runtime import call_model, hooks
+from moefx.runtime import call_model, hooks, read_batches
 
 
 @dataclass
@@ -30,6 +30,7 @@ class LayerSummary:
     active_params: int     # per token: routed experts run (measured with data) + shared experts + router
     zero_computation: int = 0               # zero, copy and constant experts (MoE++)
     measured_experts: Optional[float] = None  # mean real routed experts per token on the data, if given
+    dense_width: Optional[int] = None       # neurons of the dense FFN it came from (None: the carved total)
 
     @property
     def experts_per_token(self) -> float:
@@ -46,6 +47,13 @@ class LayerSummary:
         """Share of the FFN's neurons that a token runs through."""
         return (self.experts_per_token * self.expert_width + self.shared_width) / (
             self.num_experts * self.expert_width + self.shared_width)
+
+    @property
+    def compute_vs_dense(self) -> float:
+        """Expert neurons a token runs over the dense FFN's neurons: the FFN compute relative to dense (an
+        upcycled expert is a whole copy of the FFN, so two of them cost twice the dense FFN)."""
+        dense = self.dense_width or self.num_experts * self.expert_width + self.shared_width
+        return (self.experts_per_token * self.expert_width + self.shared_width) / dense
 
 
 @dataclass
@@ -67,6 +75,13 @@ class Summary:
         return sum(l.experts_per_token for l in self.layers) / len(self.layers) if self.layers else 0.0
 
     @property
+    def compute_vs_dense(self) -> float:
+        """FFN neurons a token runs over the dense model's FFN neurons, over every MoE layer."""
+        active = sum(l.experts_per_token * l.expert_width + l.shared_width for l in self.layers)
+        dense = sum(l.dense_width or l.num_experts * l.expert_width + l.shared_width for l in self.layers)
+        return active / dense if dense else 0.0
+
+    @property
     def active_fraction(self) -> float:
         """Active FFN neurons per token over all FFN neurons, over every MoE layer."""
         active = sum(l.experts_per_token * l.expert_width + l.shared_width for l in self.layers)
@@ -75,15 +90,16 @@ class Summary:
 
     def __str__(self) -> str:
         header = (f"{'layer':<40} {'experts':>10} {'zero-comp':>9} {'shared':>7} {'top_k':>5} {'experts/tok':>11} "
-                  f"{'act':>10} {'active':>7}")
+                  f"{'act':>10} {'active':>7} {'vs dense':>8}")
         rows = [header, "-" * len(header)]
         for l in self.layers:
             act = ("glu-" if l.gated else "") + l.activation
             rows.append(f"{l.name:<40} {f'{l.num_experts}x{l.expert_width}':>10} {l.zero_computation:>9} "
                         f"{l.shared_width:>7} {l.top_k:>5} {l.experts_per_token:>11.2f} {act:>10} "
-                        f"{l.active_fraction:>7.1%}")
+                        f"{l.active_fraction:>7.1%} {l.compute_vs_dense:>8.1%}")
         rows.append(f"{len(self.layers)} MoE layers; FFN parameters {self.total_params:,} total, "
-                    f"{self.active_params:,} active per token ({self.active_fraction:.1%} of FFN neurons)")
+                    f"{self.active_params:,} active per token ({self.active_fraction:.1%} of FFN neurons); FFN "
+                    f"compute per token {self.compute_vs_dense:.1%} of the dense model's")
         if self.tokens:
             saved = sum(l.saved_slots for l in self.layers) / len(self.layers) if self.layers else 0.0
             rows.append(f"measured on {self.tokens:,} tokens: {self.experts_per_token:.2f} routed experts per token "
@@ -98,6 +114,7 @@ def summary(model: nn.Module, data: Optional[Iterable[Any]] = None) -> Summary:
     (model inputs: dicts of keyword arguments, tuples of arguments, or tensors) the active experts per
     token are measured on it."""
     layers = {name: m for name, m in model.named_modules() if isinstance(m, MoELayer)}
+    recipe = getattr(model, "moefx_recipe", None)
     counts, tokens = _count_routed_experts(model, layers, data) if data is not None else ({}, 0)
     rows = []
     for name, module in layers.items():
@@ -116,7 +133,9 @@ def summary(model: nn.Module, data: Optional[Iterable[Any]] = None) -> Summary:
         rows.append(LayerSummary(name, module.num_experts, module.expert_width, module.shared_width, module.top_k,
                                  module.activation, module.gated, module.num_experts * expert + shared + router + const,
                                  round(per_token * expert) + shared + router,
-                                 module.router.out_features - module.num_experts, measured))
+                                 module.router.out_features - module.num_experts, measured,
+                                 module.expert_width * recipe.granularity if recipe is not None and recipe.upcycle
+                                 else None))
     return Summary(rows, tokens)
 
 
@@ -133,13 +152,9 @@ def _count_routed_experts(model: nn.Module, layers: dict[str, MoELayer], data: I
 
     registrations = [lambda m=m, name=name: m.register_forward_pre_hook(
         lambda mod, a, kw: hook(mod, a, kw, name), with_kwargs=True) for name, m in layers.items()]
-    batches = 0
+    batches = read_batches(data, "moefx.summary", "data", " or leave data out for the static top_k")
     with hooks(*registrations), torch.no_grad():
-        for batch in data:
+        for batch in batches:
             call_model(model, batch)
-            batches += 1
-    if not batches:
-        raise ValueError("moefx.summary: data is empty; pass model inputs (like the calibration batches) or leave "
-                         "data out for the static top_k")
     seen = {name: tuple(c) for name, c in counts.items() if c[1]}
     return seen, next(iter(seen.values()))[1] if seen else 0

@@ -171,3 +171,44 @@ def test_recorded_calls_are_copies_so_an_in_place_residual_does_not_break_the_ch
     x = torch.randn(3, 8)
     moe = moefx.convert(model, num_experts=4, top_k=4, calibration=[x], progress=False)
     assert relative_error(moe(x), model(x)) <= 1e-5 and isinstance(moe.mlp, MoEFFN)
+
+
+def test_code_between_a_span_swapped_ffns_activation_and_output_that_calibration_skipped_is_refused():
+    """The span swap makes the input Linear compute the whole FFN: code the parent runs between the activation
+    and the output Linear (here on a branch the calibration did not take) would act on the FFN's output."""
+    class Between(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.act, self.fc2 = nn.Linear(8, 32), nn.GELU(), nn.Linear(32, 8)
+
+        def forward(self, x, mask=None):
+            h = self.act(self.fc1(x))
+            if mask is not None:
+                h = h * mask
+            return x + self.fc2(h)
+
+    torch.manual_seed(0)
+    model = Between().eval()
+    moe = moefx.convert(model, num_experts=4, top_k=4, calibration=[torch.randn(2, 6, 8)], progress=False)
+    assert isinstance(moe.fc1, MoEFFN) and isinstance(moe.fc2, PassThrough)
+    x, mask = torch.randn(2, 5, 8), torch.rand(2, 5, 1)
+    assert relative_error(moe(x), model(x)) <= 1e-5
+    with pytest.raises(ValueError, match=r"ran code between fc1.s activation and fc2 that did not run on the"):
+        moe(x, mask)
+
+
+def test_raw_tokenizer_outputs_are_batches_for_convert_distill_evaluate_and_summary():
+    """A tokenizer returns a BatchEncoding (a Mapping, not a dict): every API that runs the model on data reads
+    it through the same reader as convert's calibration, and one batch passed bare is refused by name."""
+    from transformers import BatchEncoding
+
+    model = _bert()
+    data = [BatchEncoding(_tokens(2, 6)), BatchEncoding(_tokens(3, 7, pad=2))]
+    moe = moefx.convert(model, num_experts=4, top_k=2, calibration=data, progress=False)
+    assert moefx.summary(moe, data=data).tokens > 0
+    assert moefx.evaluate(model, moe, data).layers
+    moefx.distill(moe, model, data, steps=2)
+    for call in (lambda: moefx.summary(moe, data=data[0]), lambda: moefx.evaluate(model, moe, data[0]),
+                 lambda: moefx.distill(moe, model, data[0], steps=1)):
+        with pytest.raises(ValueError, match="one BatchEncoding \\(a single batch\\)"):
+            call()

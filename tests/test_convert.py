@@ -230,8 +230,16 @@ def test_bad_models_and_widths_name_the_problem_and_the_fix():
     with pytest.raises(ValueError, match="0.weight is on the meta device.*load the weights first"):
         moefx.convert(meta, calibration=[torch.randn(2, 8)], progress=False)
     prime = torch.nn.Sequential(torch.nn.Linear(8, 131), torch.nn.ReLU(), torch.nn.Linear(131, 8))
-    with pytest.raises(ValueError, match="131 has no divisor up to 128.*method='upcycle'"):
+    with pytest.raises(ValueError, match="131 has no divisor from 2 to 128.*method='upcycle'"):
         moefx.convert(prime, num_experts=4, top_k=2, calibration=[torch.randn(2, 8)], progress=False)
+    thirteen = torch.nn.Sequential(torch.nn.Linear(8, 13), torch.nn.ReLU(), torch.nn.Linear(13, 8))
+    with pytest.raises(ValueError, match=_literal("pick num_experts from [13]")):  # 13 experts of one neuron work
+        moefx.convert(thirteen, num_experts=4, top_k=2, calibration=[torch.randn(2, 8)], progress=False)
+    broken = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
+    with torch.no_grad():
+        broken[2].weight[3, 5] = math.nan
+    with pytest.raises(ValueError, match=r"2.weight holds NaN or inf.*load the weights again"):
+        moefx.convert(broken, num_experts=4, top_k=2, calibration=[torch.randn(2, 8)], progress=False)
     model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
     with pytest.raises((TypeError, ValueError), match="num_experts"):
         moefx.convert(model, num_experts=4.0, top_k=2, calibration=[torch.randn(2, 8)], progress=False)
@@ -265,6 +273,8 @@ def test_activations_are_told_apart_far_outside_where_they_differ():
         assert relative_error(moe(x), model(x)) <= 1e-5
     with pytest.raises(ValueError, match="found no dense FFN"):  # a clamp is no ReLU, even if it agrees on [-8, 8]
         moefx.convert(Act(lambda h: torch.clamp(h, 0, 10)), num_experts=4, top_k=4, calibration=[x], progress=False)
+    with pytest.raises(ValueError, match="found no dense FFN"):  # nor one that clips far beyond 1e4 (fp16's range)
+        moefx.convert(Act(lambda h: torch.clamp(h, 0, 6e4)), num_experts=4, top_k=4, calibration=[x], progress=False)
 
 
 def test_untraceable_modules_are_reported_only_when_they_hold_an_ffn():
@@ -286,3 +296,36 @@ def test_untraceable_modules_are_reported_only_when_they_hold_an_ffn():
     assert report.converted == ["2.2 -> 2.moe"]
     assert len(report.skipped) == 1 and report.skipped[0].startswith("1.b: an FFN (1.a -> relu -> b) inside 1 (Opaque), "
                                                                       "which does not trace"), report.skipped
+
+
+def test_every_ffn_left_dense_is_named_with_the_reason_and_a_gate_is_not_taken_for_an_ffn():
+    """Traced or inside a module that does not trace: an FFN of an activation moefx does not have (tanh, a sigmoid
+    gate) is named in the report; a sigmoid gate whose small values every activation fits is not reported as an
+    FFN of one of them."""
+    class Block(torch.nn.Module):
+        def __init__(self, fn, opaque=False, gated=False, std=None):
+            super().__init__()
+            self.fn, self.opaque, self.gated = fn, opaque, gated
+            self.gate, self.up, self.down = torch.nn.Linear(8, 32), torch.nn.Linear(8, 32), torch.nn.Linear(32, 8)
+            if std is not None:
+                for linear in (self.gate, self.up):
+                    torch.nn.init.normal_(linear.weight, std=std)
+                    torch.nn.init.zeros_(linear.bias)
+
+        def forward(self, x):
+            steps = int(x.abs().sum() > 0) + 1 if self.opaque else 1  # the tracer cannot follow it
+            h = self.fn(self.gate(x)) * self.up(x) if self.gated else self.fn(self.up(x))
+            return x + self.down(h) * steps
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(Block(torch.tanh), Block(torch.tanh, opaque=True), Block(torch.relu),
+                                Block(torch.sigmoid, gated=True),
+                                Block(lambda g: torch.sigmoid(g) - 0.5, opaque=True, gated=True, std=1e-3)).eval()
+    moe = moefx.convert(model, num_experts=4, top_k=4, calibration=[torch.randn(3, 8)], progress=False)
+    report = moe.moefx_report
+    assert report.converted == ["2.down -> 2.moe"]
+    skipped = dict(s.split(": ", 1) for s in report.skipped)
+    assert sorted(skipped) == ["0.down", "1.down", "3.down", "4.down"], report.skipped
+    assert all("FFN's shape" in skipped[n] and "matches no FFN pattern" in skipped[n] for n in ("0.down", "3.down"))
+    assert "inside 1 (Block), which does not trace" in skipped["1.down"]
+    assert "inside 4 (Block)" in skipped["4.down"] and "no one activation of moefx's" in skipped["4.down"]

@@ -316,7 +316,13 @@ def test_ffn_whose_output_width_differs_from_its_input_width_is_rejected():
     assert len(rejected) == 1 and rejected[0].startswith("2: widths do not chain")
 
 
-# ---------------------------------------------------------------- find_ffns: not an FFN at all
+# ---------------------------------------------------------------- find_ffns: an FFN's shape, but no pattern: named
+
+def assert_named_unmatched(module: nn.Module, out: str, *args) -> None:
+    _, ffns, rejected = find(module)
+    assert ffns == [] and len(rejected) == 1 and rejected[0].startswith(f"{out}: ") and (
+        "has an FFN's shape, but what lies between matches no FFN pattern" in rejected[0]), rejected
+
 
 @pytest.mark.parametrize("between", [
     nn.Identity(),                      # two stacked Linears: no activation
@@ -324,10 +330,10 @@ def test_ffn_whose_output_width_differs_from_its_input_width_is_rejected():
     nn.Dropout(0.5).train(),            # training dropout: neither identity nor activation
     nn.LayerNorm(W),                    # parameters: not element-wise
 ], ids=["identity", "sigmoid", "train_dropout", "layernorm"])
-def test_linear_pairs_without_a_contract_activation_between_them_are_not_ffns(between):
+def test_linear_pairs_without_a_contract_activation_between_them_are_not_ffns_and_are_named(between):
     model = nn.Sequential(nn.Linear(H, W), between, nn.Linear(W, H)).eval()
     model[1].train(between.training)
-    assert find(model)[1:] == ([], [])
+    assert_named_unmatched(model, "2")
 
 
 def test_gate_and_up_reading_different_inputs_is_not_a_gated_ffn():
@@ -335,7 +341,7 @@ def test_gate_and_up_reading_different_inputs_is_not_a_gated_ffn():
         def forward(self, x, y):
             return self.down(F.silu(self.gate(x)) * self.up(y))
 
-    assert find(TwoInputs())[1:] == ([], [])
+    assert_named_unmatched(TwoInputs(), "down")
 
 
 def test_product_with_an_unprojected_tensor_is_not_a_gated_ffn():
@@ -343,7 +349,7 @@ def test_product_with_an_unprojected_tensor_is_not_a_gated_ffn():
         def forward(self, x):
             return self.down(F.silu(self.gate(x)) * self.up(x).sigmoid())
 
-    assert find(NoUp())[1:] == ([], [])
+    assert_named_unmatched(NoUp(), "down")
 
 
 # ---------------------------------------------------------------- known wrong answers (library bugs)

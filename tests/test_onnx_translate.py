@@ -252,3 +252,23 @@ def test_sparse_standard_runs_in_openvino(tmp_path):
         actual = compiled({"x": x.numpy(), "route_from": route_from.numpy()})[compiled.output(0)]
         err = (torch.from_numpy(actual) - model(x, route_from).detach()).abs().max().item()
         assert err <= 1e-4, f"max abs error {err:.2e} at batch, seq = {shape}"
+
+
+def test_sparse_standard_combine_adds_no_row_twice_in_one_scatter_so_threads_do_not_race(tmp_path):
+    """onnxruntime's multi-threaded ScatterND(add) loses updates to a row that its indices name twice: each
+    scatter of the combine names a token at most once, and 8 threads give the same output run after run."""
+    model = OneLayer(num_experts=8, top_k=4, bias=False).eval()
+    path = tmp_path / "m.onnx"
+    export_onnx(model, inputs(*EXAMPLE), path, target="standard", verify=False)
+    graph = onnx.load(path)
+    indices = [n.input[1] for n in graph.graph.node if n.op_type == "ScatterND"]
+    graph.graph.output.extend(onnx.helper.make_empty_tensor_value_info(name) for name in indices)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 8
+    session = ort.InferenceSession(graph.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    x, route_from = inputs(64, 64)
+    expected = model(x, route_from).detach().numpy()
+    for _ in range(20):
+        y, *scattered = session.run(None, {"x": x.numpy(), "route_from": route_from.numpy()})
+        assert all(len(set(i.reshape(-1).tolist())) == i.size for i in scattered)
+        assert abs(y - expected).max() <= 1e-4

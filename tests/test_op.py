@@ -143,6 +143,23 @@ def test_raw_op_validates_its_attributes(change, message):
         torch.ops.moefx.moe(*flat, *cfg.values())
 
 
+@pytest.mark.parametrize("change,message", [
+    (dict(w_router=lambda t: t["w_router"][:4]), "w_router is (4, 10), expected [5, 10]"),
+    (dict(x=lambda t: t["x"][:7]), "x (7, 10) and router_input (9, 10) must be"),
+    (dict(top_k=6), "top_k=6 must be between 1 and the number of experts (5)"),
+])
+def test_raw_op_validates_its_tensor_shapes(change, message):
+    """torch.ops.moefx.moe called directly checks the tensors against each other as moe_op does: a router with
+    the wrong row count does not run, top_k above the expert count is no index error."""
+    t, cfg = _inputs(CASES[0], dtype=torch.float32), _config(CASES[0])
+    t = t | {k: v(t) for k, v in change.items() if callable(v)}
+    cfg = cfg | {k: v for k, v in change.items() if not callable(v)}
+    flat = [t["x"], _inputs(CASES[0], dtype=torch.float32)["x"], t["w_router"], t["b_router"], t["w_in"], t["b_in"],
+            t["w_out"], t["b_out"], t["const"]]
+    with pytest.raises((ValueError, RuntimeError), match=__import__("re").escape(message)):
+        torch.ops.moefx.moe(*flat, *cfg.values())
+
+
 def test_renormalized_sigmoid_gates_of_very_negative_fp32_logits_are_finite():
     """sigmoid(-200) is 0 in fp32: renormalising in log space gives the fp64 gates, not 0/0."""
     from moefx.op import route

@@ -274,3 +274,24 @@ def test_evaluate_routes_pregated_layers_from_their_block_input(llama, pregated_
         oracle = oracle_scores(layer, x).topk(2, -1).indices
         hits = (ahead[quality.name][:, :, None] == oracle[:, None, :]).any(1).float().mean().item()
         assert quality.router_recall == pytest.approx(hits, abs=1e-6)
+
+
+@pytest.mark.parametrize("order", ["unpadded first", "padded first"])
+def test_mixed_padded_and_unpadded_calibration_names_the_block_and_the_fix(order):
+    """A pre-gated block is traced on the first calibration batch: a Llama block gets attention_mask=None from
+    an unpadded batch and a mask tensor from a padded one. The error says which the trace took and which the
+    call brings, without contradicting itself, and how to calibrate."""
+    dense = tiny_llama()
+    unpadded = {"input_ids": torch.randint(0, VOCAB, (4, 16), generator=torch.Generator().manual_seed(0))}
+    batches = [unpadded, token_batch(8, 16, 0)]
+    if order == "padded first":
+        batches.reverse()
+    traced, now = ("attention_mask=None", "attention_mask=<a (8, 1, 16, 16) tensor>") if order == "unpadded first" \
+        else ("attention_mask as a tensor input", "attention_mask=None")
+    with pytest.raises(ValueError) as error:
+        moefx.convert(dense, num_experts=8, top_k=2, calibration=batches, router="distilled", pregate="block",
+                      progress=False)
+    message = str(error.value)
+    assert f"layers.0 was traced with {traced} and is now called with {now}" in message, message
+    assert "pregate='block' traces each block on the first calibration batch" in message, message
+    assert "NoneType" not in message

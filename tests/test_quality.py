@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import moefx
-from moefx.quality import evaluate
+from moefx.evaluation.layers import evaluate
 
 
 class TwoFFNs(nn.Module):

@@ -95,3 +95,61 @@ def test_failed_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         save_pretrained(second, str(tmp_path))
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_saving_into_the_dense_models_directory_removes_or_replaces_nothing_of_it(tmp_path):
+    dense, batch = _tiny_bert()
+    dense.save_pretrained(str(tmp_path), max_shard_size="50KB")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert "model.safetensors.index.json" in before
+    moe = moefx.convert(dense, 4, 4, [batch], progress=False)
+    with pytest.raises(ValueError, match="config.json, which moefx did not write .* save into another directory"):
+        save_pretrained(moe, str(tmp_path))
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_a_second_save_removes_only_what_the_first_save_wrote(tmp_path):
+    torch.manual_seed(0)
+    moe = moefx.convert(PlainFFN().eval(), 8, 2, [torch.randn(16, 16)], progress=False)
+    (tmp_path / "model.safetensors").write_bytes(b"not moefx's")
+    (tmp_path / "notes.txt").write_text("mine")
+    save_pretrained(moe, str(tmp_path))
+    (tmp_path / "moefx_model-00001-of-00002.safetensors").write_bytes(b"")  # a user's file under a moefx-like name
+    save_pretrained(moe, str(tmp_path))
+    assert (tmp_path / "model.safetensors").read_bytes() == b"not moefx's" and (tmp_path / "notes.txt").exists()
+    assert (tmp_path / "moefx_model-00001-of-00002.safetensors").exists()
+
+
+def test_broken_checkpoints_are_refused_naming_the_file(tmp_path):
+    """A missing or truncated weights file, and an edited moefx.json, are named with the fix (not a legacy
+    file name, a bare safetensors error, or KeyError: '0')."""
+    import json
+    import os
+    import shutil
+
+    torch.manual_seed(0)
+    moe = moefx.convert(PlainFFN().eval(), 4, 2, [{"x": torch.randn(8, 16)}], progress=False)
+    save_pretrained(moe, str(tmp_path / "saved"))
+
+    def broken(name, change):
+        path = tmp_path / name
+        shutil.copytree(tmp_path / "saved", path)
+        change(path)
+        return str(path)
+
+    path = broken("missing", lambda p: os.remove(p / "moefx_model.safetensors"))
+    with pytest.raises(ValueError, match="missing has no weights: moefx_model.safetensors is not there") as error:
+        load_pretrained(path, model=PlainFFN())
+    assert "model.safetensors" not in str(error.value).replace("moefx_model.safetensors", "")
+    cut = lambda p: (p / "moefx_model.safetensors").write_bytes((p / "moefx_model.safetensors").read_bytes()[:-64])
+    path = broken("truncated", cut)
+    with pytest.raises(ValueError, match="truncated/moefx_model.safetensors is truncated or not a safetensors file"):
+        load_pretrained(path, model=PlainFFN())
+
+    def edit(p):
+        meta = json.loads((p / "moefx.json").read_text())
+        (p / "moefx.json").write_text(json.dumps(dict(meta, example_kind="tuple")))
+
+    with pytest.raises(ValueError, match=r"edited/moefx.json: example_kind 'tuple' does not match the stored example "
+                                         r"\(\['x'\]\)"):
+        load_pretrained(broken("edited", edit), model=PlainFFN())

@@ -104,8 +104,11 @@ ZOO = {
     "qwen2": Entry(_hf("Qwen2Config", "Qwen2ForCausalLM", **GQA), 2, "causal"),
     "qwen3": Entry(_hf("Qwen3Config", "Qwen3ForCausalLM", **GQA, head_dim=16), 2, "causal"),
     "gemma": Entry(_hf("GemmaConfig", "GemmaForCausalLM", **GQA, head_dim=16), 2, "causal"),
+    "gemma2": Entry(_hf("Gemma2Config", "Gemma2ForCausalLM", **GQA, head_dim=16), 2, "causal"),     # soft-capping
+    "gemma3": Entry(_hf("Gemma3TextConfig", "Gemma3ForCausalLM", **GQA, head_dim=16), 2, "causal"),
     "phi3": Entry(_hf("Phi3Config", "Phi3ForCausalLM", **GQA), 2, "causal"),            # fused gate/up + chunk
     "phi": Entry(_hf("PhiConfig", "PhiForCausalLM", **DECODER), 2, "causal"),            # parallel attention/MLP
+    "cohere": Entry(_hf("CohereConfig", "CohereForCausalLM", **GQA, logit_scale=0.5), 2, "causal"),  # scaled logits
     "nemotron": Entry(_hf("NemotronConfig", "NemotronForCausalLM", **GQA, head_dim=16), 2, "causal"),  # relu^2
     "stablelm": Entry(_hf("StableLmConfig", "StableLmForCausalLM", **GQA), 2, "causal"),
     "starcoder2": Entry(_hf("Starcoder2Config", "Starcoder2ForCausalLM", **GQA), 2, "causal"),
@@ -209,3 +212,44 @@ def test_zoo_converts_every_ffn_exactly_and_keeps_the_calling_convention(name):
     assert facts["rel_err"] <= 1e-5, facts
     if "generate_equal" in facts:
         assert facts["generate_equal"], facts
+
+
+@pytest.mark.parametrize("name", [n for n, e in ZOO.items() if e.kind == "causal"])
+def test_every_causal_lm_checkpoint_is_read_with_its_head(name, tmp_path):
+    """``moefx convert`` / ``moefx eval`` build SRC's class from config.architectures (GPT2LMHeadModel keeps its
+    LM head although its name does not end in ForCausalLM)."""
+    from moefx.stream import Source
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ZOO[name].build().save_pretrained(str(tmp_path))
+        source = Source(str(tmp_path))
+        assert source.causal_lm and type(source.meta_model()).__name__ == source.architecture
+
+
+@pytest.mark.parametrize("name", [name for name, entry in ZOO.items() if entry.kind == "causal"])
+def test_zoo_causal_lm_converts_through_the_cli_exactly_at_every_expert(name, tmp_path, capsys):
+    """``moefx convert`` of the saved checkpoint: Gemma's embedding scale is a buffer outside the checkpoint, the
+    pad token is the last id of the vocabulary and the calibration uses a few tokens (the embedding rows read are
+    fewer than the padding index), GPT-NeoX stores its head under a name transformers renames on loading."""
+    import json
+
+    from moefx.cli import main
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dense = ZOO[name].build().eval()
+    dense.config.pad_token_id = VOCAB - 1
+    dense.save_pretrained(tmp_path / "src")
+    g = torch.Generator().manual_seed(0)
+    (tmp_path / "ids.jsonl").write_text("".join(json.dumps({"input_ids": torch.randint(3, 12, (40,), generator=g)
+                                                            .tolist()}) + "\n" for _ in range(2)))
+    assert main(["convert", str(tmp_path / "src"), str(tmp_path / "moe"), "--experts", "4", "--top-k", "4",
+                 "--calibration", str(tmp_path / "ids.jsonl"), "--calibration-tokens", "64",
+                 "--sequence-length", "16", "--quiet"]) == 0, capsys.readouterr().err
+    moe = moefx.load_pretrained(str(tmp_path / "moe"))
+    ids = torch.randint(3, VOCAB, (2, 9), generator=g)
+    with torch.no_grad():
+        want = dense.base_model(input_ids=ids).last_hidden_state
+        assert relative_error(moe.base_model(input_ids=ids).last_hidden_state, want) <= 1e-5

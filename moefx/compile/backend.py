@@ -6,8 +6,8 @@ Inductor's ``compile_fx``, which expands the op elsewhere through ``moefx.compil
 ``torch.compile(model, backend="moefx", mode="reduce-overhead")`` or ``options={"freezing": True}``
 (inference: folds the per-call reordering of expert weights into constants).
 
-Registered as "moefx" when moefx is imported and through the ``torch_dynamo_backends`` entry point,
-so ``backend="moefx"`` also works without importing moefx first.
+Registered as "moefx" through the ``torch_dynamo_backends`` entry point (``import moefx`` does not load
+Dynamo), and when this module is imported.
 """
 from __future__ import annotations
 

@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Mapping
 from typing import Any, Iterable, Optional, Union
 
 import torch
 from torch import nn
 
 from moefx.convert.stages import Conversion, ConversionReport, LayerOrigin, run_stages
-from moefx.recipe import Recipe
+from moefx.recipe import Recipe, resolve
+from moefx.runtime import read_batches
 
 __all__ = ["ConversionReport", "LayerOrigin", "Recipe", "convert"]
 
@@ -105,35 +105,15 @@ def _recipe(recipe: Optional[Recipe], num_experts, top_k, options: dict) -> Reci
     if unknown:
         raise TypeError(f"moefx.convert: unknown option(s) {unknown}; the options are the fields of moefx.Recipe: "
                         f"{sorted(Recipe.help())}")
-    return Recipe(**given, **options)
+    return resolve({**given, **options})
 
 
 def _batches(calibration: Optional[Iterable[Any]], recipe: Recipe) -> list:
-    """The calibration batches as a list of copies (a model that adds keys to its input dict, as
-    SentenceTransformer does, must not change them for the next use)."""
-    if isinstance(calibration, Mapping):
-        raise ValueError(f"moefx.convert: calibration is one {type(calibration).__name__} (a single batch); iterating "
-                         f"it would give its keys {list(calibration)[:4]}. Pass a list of batches: calibration=[batch]")
-    if isinstance(calibration, torch.Tensor):
-        raise ValueError(f"moefx.convert: calibration is one tensor of shape {tuple(calibration.shape)}; iterating it "
-                         "would call the model on each row alone. Pass a list of model inputs: calibration=[x]")
-    batches = [] if calibration is None else [_copy_batch(b) for b in calibration]
-    if not batches:
-        needs = ("" if recipe.method == "split" and not recipe.num_shared else
-                 f", and method={recipe.method!r}" + (f" with num_shared={recipe.num_shared}" if recipe.num_shared
-                                                      else "") + " computes neuron statistics from it")
-        raise ValueError("moefx.convert: calibration is empty; pass at least one model input (e.g. "
-                         "calibration=[tokenizer(texts, return_tensors='pt')]): moefx traces the model on it" + needs)
-    return batches
-
-
-def _copy_batch(batch: Any) -> Any:
-    """New containers (dicts, lists, tuples) around the same tensors."""
-    if isinstance(batch, Mapping):
-        return {k: _copy_batch(v) for k, v in batch.items()}
-    if isinstance(batch, (tuple, list)) and not hasattr(batch, "_fields"):
-        return type(batch)(_copy_batch(v) for v in batch)
-    return batch
+    needs = ("" if recipe.method == "split" and not recipe.num_shared else
+             f", and method={recipe.method!r}" + (f" with num_shared={recipe.num_shared}" if recipe.num_shared
+                                                  else "") + " computes neuron statistics from it")
+    return read_batches([] if calibration is None else calibration, "moefx.convert", "calibration",
+                        ": moefx traces the model on it" + needs)
 
 
 def _check_model(model: nn.Module) -> None:
@@ -141,6 +121,10 @@ def _check_model(model: nn.Module) -> None:
     if meta is not None:
         raise ValueError(f"moefx.convert: {meta} is on the meta device (a model built without weights); load the "
                          "weights first (from_pretrained, or model.to_empty(device='cpu') then load_state_dict)")
+    broken = next((n for n, p in model.named_parameters() if not torch.isfinite(p).all()), None)
+    if broken is not None:
+        raise ValueError(f"moefx.convert: {broken} holds NaN or inf values; load the weights again (a corrupt "
+                         "or half-written checkpoint)")
 
 
 def _first_row(batch: Any) -> Any:

@@ -8,8 +8,8 @@ An ``L`` is any childless module that computes an affine map of its input; ``act
 element-wise node (module, function or method) that computes one of the contract's
 activations. Both are recognised by what they compute on a probe input, not by names, so
 ``nn.Linear``, GPT-2's ``Conv1D``, ``nn.GELU``, HF's ``NewGELUActivation`` and ``F.silu`` all match.
-The activation probe reaches far beyond where activations differ (to +-1e4), so that a clamp or
-a saturating function is not taken for ReLU or GELU.
+The activation probe reaches far beyond where activations differ (to +-3e38, fp32's range), so that
+a clamp or a saturating function is not taken for ReLU or GELU.
 """
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ def affine_map(module: nn.Module) -> Optional[tuple[Tensor, Optional[Tensor]]]:
 @functools.cache
 def _probe() -> Tensor:
     """[1, 1, N] values: three axes, so a node that only reshapes (squeeze, view) shows by its shape."""
-    far = torch.tensor([12.0, 20.0, 30.0, 50.0, 100.0, 300.0, 1e3, 1e4])
+    far = torch.tensor([12.0, 20.0, 30.0, 50.0, 100.0, 300.0, 1e3, 1e4, 1e6, 1e10, 1e20, 1e30, 3e38])
     return torch.cat([-far.flip(0), torch.linspace(-8, 8, 4001), far]).reshape(1, 1, -1)
 
 
@@ -178,7 +178,37 @@ def find_ffns(gm: fx.GraphModule, piece: str, affine: dict[str, tuple]) -> tuple
             continue
         found.append(FFN(piece, name, x, out_node, chain, gm.get_submodule(out_node.target), in_maps, w_out,
                          b_out, kind, gated))
+    claimed = {n for ffn in found for n in ffn.nodes}
+    for out_node in gm.graph.nodes:
+        name = prefix + str(out_node.target)
+        if out_node in claimed or any(r.startswith(name + ":") for r in rejected) or linear(out_node) is None:
+            continue
+        in_node = _unmatched_input(out_node, linear, claimed)
+        if in_node is not None:
+            rejected.append(f"{name}: {prefix + in_node.target} -> ... -> {out_node.target} has an FFN's shape, but "
+                            f"what lies between matches no FFN pattern (an activation other than "
+                            f"{', '.join(ACTIVATIONS)}, or other code between the Linears); it was not converted")
     return found, rejected
+
+
+def _unmatched_input(out_node: fx.Node, linear, claimed: set, depth: int = 6) -> Optional[fx.Node]:
+    """The Linear that feeds ``out_node`` within ``depth`` nodes and through no other Linear, widening the FFN's
+    input as ``out_node`` narrows it back (W_in [F, H], W_out [H, F], F > H); None when there is none."""
+    w_out = linear(out_node)[0]
+    if w_out.shape[1] <= w_out.shape[0]:
+        return None
+    frontier = [a for a in out_node.all_input_nodes]
+    for _ in range(depth):
+        following = []
+        for node in frontier:
+            in_map = linear(node)
+            if in_map is not None:
+                if node not in claimed and tuple(in_map[0].shape) == (w_out.shape[1], w_out.shape[0]):
+                    return node
+                continue
+            following += [a for a in node.all_input_nodes if a.op != "placeholder"]
+        frontier = following
+    return None
 
 
 _CAT_TARGETS = (torch.cat, torch.concat, torch.concatenate)
@@ -245,26 +275,34 @@ def _fused_branches(mul: fx.Node, gm: fx.GraphModule, linear):
     return None
 
 
-def data_flow_ffn(x: Tensor, sources: dict[str, Tensor]) -> Optional[str]:
-    """How ``x`` (a linear layer's input) is an FFN's hidden activation of ``sources`` (other linear layers'
-    outputs on the same call): "a -> act" or "act(a) * b" or "fused a"; None when it is none of them."""
+DATA_FLOW_ROWS = 256
+
+
+def data_flow_ffn(x: Tensor, width: int, sources: dict[str, tuple[Tensor, Tensor]]) -> Optional[str]:
+    """How ``x`` (the input of a linear layer whose output is ``width`` wide) is an FFN's hidden activation of
+    ``sources`` ({name: (input, output)} of other linear layers on the same call) that read inputs ``width``
+    wide: "a -> act" or "act(a) * b" or "fused a"; None when it is none of them, or when more than one
+    activation fits (small values, where they agree: a gate or a scaled branch is no FFN of a known activation).
+    Compared on the first ``DATA_FLOW_ROWS`` rows: every pair is tried with every activation."""
     def close(h: Tensor) -> bool:
         return h.shape == x.shape and torch.allclose(h.float(), x.float(), rtol=1e-4, atol=1e-5)
 
+    sources = {n: y.reshape(-1, y.shape[-1])[:DATA_FLOW_ROWS] for n, (i, y) in sources.items()
+               if i.shape[-1] == width and y.shape[:-1] == x.shape[:-1]}
+    x = x.reshape(-1, x.shape[-1])[:DATA_FLOW_ROWS]
+    fits = set()
     for name, y in sources.items():
-        if y.shape[:-1] != x.shape[:-1]:
-            continue
         for act_name, act in ACTIVATIONS.items():
             if y.shape[-1] == x.shape[-1] and close(act(y)):
-                return f"{name} -> {act_name}"
+                fits.add(f"{name} -> {act_name}")
             if y.shape[-1] == 2 * x.shape[-1]:
                 a, b = y.chunk(2, -1)
                 if close(act(a) * b) or close(act(b) * a):
-                    return f"{name} (fused gate/up) -> {act_name}"
+                    fits.add(f"{name} (fused gate/up) -> {act_name}")
             for other, u in sources.items():
                 if other != name and u.shape == y.shape == x.shape and close(act(y) * u):
-                    return f"{act_name}({name}) * {other}"
-    return None
+                    fits.add(f"{act_name}({name}) * {other}")
+    return fits.pop() if len(fits) == 1 else None
 
 
 def _gated_branches(mul: fx.Node, gm: fx.GraphModule, linear):

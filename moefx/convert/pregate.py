@@ -121,6 +121,9 @@ def _claim(model: nn.Module, name: str, call: RecordedCall, pieces: dict, affine
         raise unrouted_error(model, held[0].name, [name])
     blocks[name] = Block(name, index, [f.name for f in held])
     gm.meta[BLOCK_INPUT] = index
+    getattr(gm, CALL_SPEC).fix = ("pregate='block' traces each block on the first calibration batch: call the model "
+                                  "as that batch did, or calibrate on batches that all call the block alike (all "
+                                  "padded, or none), or convert without pregate")
     return gm, found
 
 

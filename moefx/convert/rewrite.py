@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+import weakref
 from dataclasses import dataclass
 from typing import Any, Optional
 
+import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
@@ -53,11 +56,12 @@ class MoEFFN(nn.Module):
     element-wise modules the FFN applied to its output (dropout), in ``after``. The parent's forward
     runs unchanged around it, with every argument, mask and cache it takes."""
 
-    def __init__(self, moe: MoELayer, after: list[nn.Module], replaces: str):
+    def __init__(self, moe: MoELayer, after: list[nn.Module], replaces: str, span: Optional[SpanGuard] = None):
         super().__init__()
         self.moe = moe
         self.after = nn.ModuleList(after)
         self.replaces = replaces
+        self.span = span
 
     def forward(self, *args: Any, **kwargs: Any) -> Tensor:
         given = [*args, *kwargs.values()]
@@ -67,6 +71,8 @@ class MoEFFN(nn.Module):
         y = self.moe(given[0])
         for module in self.after:
             y = module(y)
+        if self.span is not None:
+            self.span.entered(y)
         return y
 
     def extra_repr(self) -> str:
@@ -111,8 +117,8 @@ def span_swap(ffn: FFN, gm: fx.GraphModule, model: nn.Module) -> Optional[SpanSw
     """The ``SpanSwap`` of ``ffn`` (found in piece ``gm`` of ``model``), or None when its graph does not allow
     one: gated, an activation that is a function rather than a module, or a module of the FFN that the
     model calls or holds anywhere else. Dropout modules inside the FFN become pass-throughs (the MoE layer
-    has no hidden activation to drop out, as in a traced piece); a functional dropout there (OPT's
-    activation_dropout) acts on the FFN's output when training."""
+    has no hidden activation to drop out, as in a traced piece); code between the activation and the output
+    Linear that calibration did not run (OPT's activation_dropout when training) is refused by ``SpanGuard``."""
     if ffn.gated:
         return None
     in_node = next((n for n in ffn.nodes if n.op == "call_module" and n is not ffn.output_node and n.args
@@ -133,25 +139,61 @@ def span_swap(ffn: FFN, gm: fx.GraphModule, model: nn.Module) -> Optional[SpanSw
     return SpanSwap(qualified(ffn.piece, in_node.target), [qualified(ffn.piece, n.target) for n in modules[1:]])
 
 
+class SpanGuard:
+    """The span swap's guard: the output Linear's ``PassThrough`` must receive the very tensor the entry
+    ``MoEFFN`` returned, unchanged. Code the parent runs between the activation and the output Linear on a
+    path the calibration did not take (a mask, a scale) would otherwise act on the FFN's output. The tensor
+    is held per thread (weakly), so that threads calling one model do not see each other's."""
+
+    def __init__(self, entry: str, exit: str):
+        self.entry, self.exit = entry, exit
+        self.state = threading.local()
+
+    def entered(self, y: Tensor) -> None:
+        if not torch.compiler.is_compiling():
+            self.state.output = weakref.ref(y), None if y.is_inference() else y._version
+
+    def check(self, x: Tensor) -> None:
+        if torch.compiler.is_compiling():
+            return
+        output, version = getattr(self.state, "output", (None, None))
+        self.state.output = None, None
+        if output is None or output() is not x or (version is not None and x._version != version):
+            raise ValueError(f"moefx: {self.exit} replaces the output Linear of the FFN that {self.entry} now "
+                             f"computes whole, and this call ran code between {self.entry}'s activation and "
+                             f"{self.exit} that did not run on the calibration batch; call the model the way the "
+                             "calibration batch did, or convert with a calibration batch that takes this path")
+
+    def __getstate__(self) -> dict:
+        return {"entry": self.entry, "exit": self.exit}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["entry"], state["exit"])
+
+
 class PassThrough(nn.Module):
     """Returns its input: what the activation, dropout and output Linear of a span-swapped FFN become. It keeps
     their tensors' names as empty tensors of their dtype and device, so that Python reading them (T5's
-    ``self.wo.weight.dtype``) still runs."""
+    ``self.wo.weight.dtype``) still runs. The output Linear's checks its ``SpanGuard``."""
 
-    def __init__(self, dense: nn.Module):
+    def __init__(self, dense: nn.Module, span: Optional[SpanGuard] = None):
         super().__init__()
         for name, tensor in [*dense.named_parameters(recurse=False), *dense.named_buffers(recurse=False)]:
             self.register_buffer(name, tensor.new_empty(0), persistent=False)
+        self.span = span
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.span is not None:
+            self.span.check(x)
         return x
 
 
 def apply_span_swap(model: nn.Module, swap: SpanSwap, layer: MoELayer) -> None:
     dense = model.get_submodule(swap.entry)
-    _set(model, swap.entry, MoEFFN(layer, [], type(dense).__name__))
+    span = SpanGuard(swap.entry, swap.bypassed[-1])
+    _set(model, swap.entry, MoEFFN(layer, [], type(dense).__name__, span))
     for path in swap.bypassed:
-        _set(model, path, PassThrough(model.get_submodule(path)))
+        _set(model, path, PassThrough(model.get_submodule(path), span if path == swap.bypassed[-1] else None))
 
 
 def _set(model: nn.Module, path: str, module: nn.Module) -> None:

@@ -183,15 +183,20 @@ def report_untraced_ffns(c: Conversion, seen: set[str]) -> None:
     calls = record_calls(c.model, modules, lambda: run_batch(c.run, c.batches[0], 0))
     flows = {a: (call.args[0], call.output) for a, call in calls.items()
              if call.args and isinstance(call.args[0], Tensor) and isinstance(call.output, Tensor)}
-    for out_name, (x, _) in flows.items():
+    for out_name, (x, out) in flows.items():
         owner = hidden[out_name]
-        sources = {a: y for a, (_, y) in flows.items() if a != out_name and hidden[a] == owner}
-        pattern = data_flow_ffn(x, sources)
+        sources = {a: flow for a, flow in flows.items() if a != out_name and hidden[a] == owner}
+        where = (f"inside {owner or '<model>'} ({type(c.model.get_submodule(owner)).__name__}), which "
+                 f"{c.untraced[owner][1]}")
+        pattern = data_flow_ffn(x, out.shape[-1], sources)
+        shaped = [a for a, (i, y) in sources.items() if i.shape[-1] == out.shape[-1] < x.shape[-1] == y.shape[-1]]
         if pattern:
-            inside, why = c.untraced[owner]
-            c.report.skipped.append(f"{out_name}: an FFN ({pattern} -> {out_name.rsplit('.', 1)[-1]}) inside "
-                                    f"{owner or '<model>'} ({type(c.model.get_submodule(owner)).__name__}), which "
-                                    f"{why}; it was not converted")
+            c.report.skipped.append(f"{out_name}: an FFN ({pattern} -> {out_name.rsplit('.', 1)[-1]}) {where}; it was "
+                                    "not converted")
+        elif shaped:
+            c.report.skipped.append(f"{out_name}: {shaped[0]} -> ... -> {out_name.rsplit('.', 1)[-1]} has an FFN's "
+                                    f"shape {where}; no one activation of moefx's ({', '.join(ACTIVATIONS)}) "
+                                    "computes its hidden activation on the calibration batch; it was not converted")
 
 
 def claim_blocks(c: Conversion) -> None:
@@ -210,18 +215,8 @@ def check_found(c: Conversion) -> None:
                          + (f" ({', '.join(affine[:6])}{', ...' if len(affine) > 6 else ''})" if affine else "")
                          + ". " + ("; ".join(c.report.skipped) + ". " if c.report.skipped else "")
                          + f"moefx converts FFNs whose activation is one of {', '.join(ACTIVATIONS)}")
-    r = c.recipe
     for ffn in ffns:
-        if r.upcycle and ffn.width % r.granularity:
-            raise ValueError(f"moefx.convert: {ffn.name} has {ffn.width} neurons, which do not split into "
-                             f"granularity={r.granularity} equal shards")
-        if not r.upcycle and ffn.width % r.num_experts:
-            divisors = [d for d in range(2, min(ffn.width, 129)) if ffn.width % d == 0]
-            fix = (f"pick num_experts from {divisors}" if divisors else
-                   f"{ffn.width} has no divisor up to 128, so no carving splits it evenly; convert with "
-                   "method='upcycle' (each expert a copy of the whole FFN)")
-            raise ValueError(f"moefx.convert: {ffn.name} has {ffn.width} neurons, which do not split into "
-                             f"num_experts={r.num_experts} equal experts; {fix}")
+        c.recipe.check_width(ffn.name, ffn.width)
 
 
 def collect_statistics(c: Conversion) -> None:

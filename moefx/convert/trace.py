@@ -217,6 +217,10 @@ class CallSpec:
     router_input: bool = False
 
     paths: list[str] = field(default_factory=list)  # each leaf's argument, as the caller writes it
+    kinds: dict[int, str] = field(default_factory=dict)  # the type of each graph input's leaf
+    # why one call was traced, and what to do about a call unlike it
+    fix: str = ("moefx converted it by tracing one call (it spans modules, so no module could be swapped): call it "
+                "as the calibration batch did, or convert with a calibration batch that calls it this way")
 
     @classmethod
     def of(cls, args: tuple, kwargs: dict, piece: str) -> "CallSpec":
@@ -226,6 +230,7 @@ class CallSpec:
             if isinstance(leaf, _CONSTANT_TYPES):
                 spec.constants[i] = leaf
             else:
+                spec.kinds[i] = "a tensor" if isinstance(leaf, torch.Tensor) else f"a {type(leaf).__name__}"
                 spec.num_inputs += 1
         return spec
 
@@ -242,8 +247,7 @@ class CallSpec:
         else:
             extra = ()
         leaves, tree = pytree.tree_flatten((args, kwargs))
-        fix = ("moefx converted it by tracing one call (it spans modules, so no module could be swapped): call it "
-               "as the calibration batch did, or convert with a calibration batch that calls it this way")
+        fix = self.fix
         if tree != self.tree:
             now = _argument_paths(args, kwargs)
             extra_args = [p for p in now if p not in self.paths]
@@ -259,8 +263,8 @@ class CallSpec:
                     raise ValueError(f"moefx: {piece} was traced with {self.paths[i]}={_describe(self.constants[i])} "
                                      f"and is now called with {self.paths[i]}={_describe(leaf)}; {fix}")
             elif isinstance(leaf, _CONSTANT_TYPES):
-                raise ValueError(f"moefx: {piece} was traced with {self.paths[i]}=<a {type(leaves[i]).__name__} "
-                                 f"input> and is now called with {self.paths[i]}={_describe(leaf)}; {fix}")
+                raise ValueError(f"moefx: {piece} was traced with {self.paths[i]} as {self.kinds[i]} input and is "
+                                 f"now called with {self.paths[i]}={_describe(leaf)}; {fix}")
             else:
                 inputs.append(leaf)
         return (*inputs, *extra)

@@ -9,6 +9,13 @@ gradient while training (router-weighted ones get the gates' own gradient); a Sw
 load-balancing loss (Fedus et al. 2022) keeps the experts' shares of the tokens even. A few
 calibration batches make many epochs, so training is early-stopped on held-out batches and keeps
 its best state.
+
+The objective follows the model's output. A causal language model (an output with ``logits``) is
+trained on its next-token distribution: KL(dense || MoE) against the dense model's ``TEACHER_TOP``
+most likely tokens per position plus one bucket for the rest of the vocabulary (sparse logit
+distillation, as in MiniLLM/Minitron recovery runs; the full teacher distribution would not fit in
+memory), which is the figure a converted LM is judged by. Other models match the output tensor
+(relative squared error).
 """
 from __future__ import annotations
 
@@ -22,7 +29,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from moefx.layer import MoELayer
-from moefx.runtime import call_model, hooks, output_tensor, token_mask
+from moefx.runtime import call_model, hooks, logits_of, output_tensor, read_batches, token_mask
 
 
 @dataclass
@@ -40,19 +47,67 @@ class DistillReport:
     held_out: list[int]                            # the batches never trained on (empty: too few batches)
     curve: list[tuple[int, float]] = field(default_factory=list)   # (step, held-out error)
     losses: list[float] = field(default_factory=list)              # training loss per step
+    objective: str = "output"
 
     def __str__(self) -> str:
         on = f"{len(self.held_out)} held-out batches" if self.held_out else "the training batches (too few to hold out)"
         curve = " ".join(f"{step}:{error:.4f}" for step, error in self.curve)
-        return (f"distilled {self.steps} steps in {self.seconds:.0f} s (stopped by {self.stopped}); relative output "
-                f"error on {on} {self.error_before:.4f} -> {self.error_after:.4f} (best state, step "
+        measure = "next-token KL(dense || MoE)" if self.objective == "kl" else "relative output error"
+        return (f"distilled {self.steps} steps in {self.seconds:.0f} s (stopped by {self.stopped}); {measure} "
+                f"on {on} {self.error_before:.4f} -> {self.error_after:.4f} (best state, step "
                 f"{self.best_step}); curve {curve}")
 
 
-def teacher_outputs(run: Callable[[Any], Any], batches: list) -> list[Tensor]:
-    """The dense model's output tensor on every calibration batch (the distillation targets)."""
+TEACHER_TOP = 64  # next-token log-probabilities kept per position of a language model's teacher
+
+
+@dataclass
+class TopTokens:
+    """A language model's next-token distribution, sparsely: the ``TEACHER_TOP`` largest log-probabilities
+    ``logp`` [..., K] and their token ``ids``."""
+
+    logp: Tensor
+    ids: Tensor
+
+
+def teacher_outputs(run: Callable[[Any], Any], batches: list) -> list:
+    """The distillation target on every calibration batch: a language model's ``TopTokens``, else the
+    dense model's output tensor."""
+    targets = []
     with torch.no_grad():
-        return [output_tensor(run(batch)).detach().float() for batch in batches]
+        for batch in batches:
+            output = run(batch)
+            logits = logits_of(output)
+            if logits is None:
+                targets.append(output_tensor(output).detach().float())
+            else:
+                top = torch.log_softmax(logits.float(), -1).topk(min(TEACHER_TOP, logits.shape[-1]), -1)
+                targets.append(TopTokens(top.values, top.indices))
+    return targets
+
+
+def next_token_kl(student_logits: Tensor, teacher: TopTokens, mask: Optional[Tensor]) -> Tensor:
+    """Mean over real positions of KL(teacher || student) on the teacher's top tokens plus one bucket holding
+    the rest of the vocabulary (>= 0; 0 iff the student matches those K + 1 probabilities)."""
+    logp = torch.log_softmax(student_logits.float(), -1).gather(-1, teacher.ids)
+    p = teacher.logp.exp()
+    kl = (p * (teacher.logp - logp)).sum(-1)
+    rest_teacher = (1 - p.sum(-1)).clamp(min=1e-12)
+    rest_student = (1 - logp.exp().sum(-1)).clamp(min=1e-12)
+    kl = kl + rest_teacher * (rest_teacher.log() - rest_student.log())
+    if mask is not None:
+        kl = kl[mask]
+    return kl.mean()
+
+
+def distillation_loss(output: Any, target, batch: Any) -> Tensor:
+    """The objective for one batch: ``next_token_kl`` for a language model's ``TopTokens``, else
+    ``output_error``."""
+    if isinstance(target, TopTokens):
+        logits = logits_of(output)
+        return next_token_kl(logits, target, token_mask(batch, logits.shape))
+    out = output_tensor(output)
+    return output_error(out, target, token_mask(batch, out.shape))
 
 
 def output_error(student: Tensor, teacher: Tensor, mask: Optional[Tensor]) -> Tensor:
@@ -92,16 +147,14 @@ def distill(moe: nn.Module, dense: nn.Module, data: Iterable[Any], *, steps: int
     never ends worse on them than it started. Training stops after ``steps``, after ``max_seconds``,
     or after ``patience`` measurements without improvement. ``experts=False`` trains the routers only.
     Returns a ``DistillReport`` with the held-out curve."""
-    batches = list(data)
-    if not batches:
-        raise ValueError("moefx.distill: data is empty; pass the calibration batches (model inputs)")
+    batches = read_batches(data, "moefx.distill", "data")
     targets = teacher_outputs(lambda b: call_model(dense, b), batches)
     return train_moe_layers(moe, lambda b: call_model(moe, b), batches, targets, steps=steps, lr=lr, balance=balance,
                             experts=experts, seed=seed, progress=progress, schedule=schedule, held_out=held_out,
                             eval_every=eval_every, patience=patience, max_seconds=max_seconds)
 
 
-def train_moe_layers(model: nn.Module, run: Callable[[Any], Any], batches: list, targets: list[Tensor], *, steps: int,
+def train_moe_layers(model: nn.Module, run: Callable[[Any], Any], batches: list, targets: list, *, steps: int,
                      lr: float, balance: float, experts: bool, seed: int, progress: bool, schedule: str = "cosine",
                      held_out: float = 0.2, eval_every: Optional[int] = None, patience: Optional[int] = None,
                      max_seconds: Optional[float] = None) -> DistillReport:
@@ -147,8 +200,7 @@ def train_moe_layers(model: nn.Module, run: Callable[[Any], Any], batches: list,
         with hooks(*keep_input), torch.enable_grad(), bar:
             for step in range(1, steps + 1):
                 i = train[int(torch.randint(len(train), (1,), generator=order))]
-                out = output_tensor(run(batches[i]))
-                loss = output_error(out, targets[i], token_mask(batches[i], out.shape))
+                loss = distillation_loss(run(batches[i]), targets[i], batches[i])
                 if balance:
                     imbalance = sum(balance_loss(layer, inputs[layer]) - 1 for layer in layers) / len(layers)
                     loss = loss + balance * imbalance
@@ -179,7 +231,9 @@ def train_moe_layers(model: nn.Module, run: Callable[[Any], Any], batches: list,
         for p, flag in frozen.items():
             p.requires_grad_(flag)
         model.train(was_training)
-    return DistillReport(step, time.perf_counter() - start, before, best[0], best[1], stopped, held, curve, losses)
+    objective = "kl" if isinstance(targets[0], TopTokens) else "output"
+    return DistillReport(step, time.perf_counter() - start, before, best[0], best[1], stopped, held, curve, losses,
+                         objective)
 
 
 def _check(steps, lr, balance, schedule, held_out, eval_every, patience, max_seconds) -> None:
@@ -220,8 +274,5 @@ def _schedule(kind: str, steps: int) -> Callable[[int], float]:
 
 def _mean_error(run, batches, targets) -> float:
     with torch.no_grad():
-        errors = []
-        for batch, target in zip(batches, targets):
-            out = output_tensor(run(batch))
-            errors.append(output_error(out, target, token_mask(batch, out.shape)).item())
+        errors = [distillation_loss(run(batch), target, batch).item() for batch, target in zip(batches, targets)]
     return sum(errors) / len(errors)

@@ -43,7 +43,10 @@ def dense_output(layer: MoELayer, x: Tensor, chunk: int = 4096) -> Tensor:
     outs = []
     for start in range(0, x.shape[0], chunk):
         rows = x[start:start + chunk].float()
-        y = expert_outputs(layer, rows).sum(1)
+        h = expert_hidden(layer, rows)
+        y = torch.einsum("tef,ehf->th", h, layer.w_out.float())  # the sum over experts, never [T, E, H]
+        if layer.b_out is not None:
+            y = y + layer.b_out.float().sum(0)
         if layer.shared_in is not None:
             y = y + layer.shared_out(layer.shared_hidden(rows)).float()
         outs.append(y if layer.bias is None else y + layer.bias.float())
@@ -64,6 +67,20 @@ def expert_outputs(layer: MoELayer, x: Tensor) -> Tensor:
     return out if layer.b_out is None else out + layer.b_out.float()
 
 
+def expert_output_norms(layer: MoELayer, x: Tensor) -> Tensor:
+    """[T, E] ||f_e(x)|| of every routed expert without forming the outputs: ||h W^T + b||^2 =
+    h (W^T W) h^T + 2 h . (W^T b) + ||b||^2, an expert_width-square Gram per expert (a fraction of
+    the output GEMM when experts are narrower than the model)."""
+    h = expert_hidden(layer, x)                                         # [T, E, F]
+    w = layer.w_out.float()                                             # [E, H, F]
+    gram = torch.einsum("ehf,ehg->efg", w, w)
+    squares = torch.einsum("tef,efg,teg->te", h, gram, h)
+    if layer.b_out is not None:
+        b = layer.b_out.float()
+        squares = squares + 2 * torch.einsum("tef,ef->te", h, torch.einsum("ehf,eh->ef", w, b)) + b.pow(2).sum(-1)
+    return squares.clamp(min=0).sqrt()
+
+
 def _ensure_expert_bias(layer: MoELayer) -> None:
     if layer.b_out is None:
         layer.b_out = torch.nn.Parameter(torch.zeros(layer.num_experts, layer.hidden, dtype=layer.w_out.dtype,
@@ -77,8 +94,12 @@ def compensate(layer: MoELayer, x: Tensor) -> None:
     """Give each expert its mean output over the calibration tokens that skip it as a standing bias."""
     _ensure_expert_bias(layer)
     skipped = (layer.expert_gates(x) == 0).float()                        # [T, E]
-    outputs = expert_outputs(layer, x)                                  # [T, E, H]
-    mean = torch.einsum("te,teh->eh", skipped, outputs) / skipped.sum(0).clamp(min=1)[:, None]
+    # f_e is linear in h_e: the mean output over the skipping tokens is the output of their mean h_e
+    hidden = torch.einsum("te,tef->ef", skipped, expert_hidden(layer, x))
+    count = skipped.sum(0).clamp(min=1)
+    mean = torch.einsum("ef,ehf->eh", hidden, layer.w_out.float()) / count[:, None]
+    if layer.b_out is not None:
+        mean = mean + layer.b_out.float() * (skipped.sum(0) / count)[:, None]
     layer.b_out -= mean.to(layer.b_out.dtype)
     layer.bias += mean.sum(0).to(layer.bias.dtype)
 

@@ -28,7 +28,7 @@ from torch import Tensor
 from moefx.layer import MoELayer
 from moefx.fit.carve import gate_rows
 from moefx.ffn import FFN
-from moefx.fit.refit import dense_output, expert_outputs
+from moefx.fit.refit import dense_output, expert_output_norms, expert_outputs
 from moefx.fit.validate import Fit, best
 
 log = logging.getLogger("moefx")
@@ -56,7 +56,7 @@ def oracle_scores(layer: MoELayer, x: Tensor, chunk: int = 2048) -> Tensor:
     """[T, E] contribution ||f_e(x)|| of each routed expert (its biases included): the oracle router
     picks the top_k of these."""
     with torch.no_grad():
-        return torch.cat([expert_outputs(layer, x[s:s + chunk].float()).norm(dim=-1)
+        return torch.cat([expert_output_norms(layer, x[s:s + chunk].float())
                           for s in range(0, x.shape[0], chunk)])
 
 

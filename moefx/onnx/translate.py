@@ -10,9 +10,11 @@ Three lowerings of the same formula:
   (by k for unit gates: log 1 = 0, softmax 1/k, so exact for power-of-two k). ``contrib_blocker``
   says when a layer does not fit it.
 * ``sparse_moe`` (target "standard"): standard ONNX ops only (opset 18); per expert, NonZero on its
-  gate column selects its tokens, Gather, two MatMuls, and one ScatterND(add) puts every expert's
-  weighted rows back. Only the chosen experts' rows are computed; the graph grows linearly in the
-  number of experts (``SPARSE_NODES_PER_EXPERT`` nodes each for a plain ReLU expert).
+  gate column selects its tokens, Gather, two MatMuls, and a ScatterND(add) adds its weighted rows
+  back (one per expert, so that no scatter names a token twice: onnxruntime's multi-threaded
+  ScatterND loses updates to a repeated index). Only the chosen experts' rows are computed; the
+  graph grows linearly in the number of experts (``SPARSE_NODES_PER_EXPERT`` nodes each for a plain
+  ReLU expert).
 * ``dense_moe`` (target "standard-dense"): every expert of every token as two large GEMMs over the
   stacked weights, weighted by a dense [T, E] combine matrix that is zero off the top-k choices. The
   graph does not grow with the number of experts, but the work is the dense FFN's (E/k times the
@@ -277,10 +279,10 @@ def dense_moe(inputs: MoEInputs, attrs: MoEAttrs):
 
 # nodes one more expert adds to a sparse softmax-routed ReLU layer without biases (after torch.onnx's
 # constant folding of the per-expert weight slices): Gather (gate column), NonZero, Reshape, Gather
-# (rows), Gather (gates), Unsqueeze, MatMul, Relu, Mul, MatMul. Unit gates need no per-expert gates (8);
-# each bias adds an Add, a gated layer two Slices and a Mul, and the activation its own nodes (SiLU 2,
-# GELU 5, which onnxruntime fuses into one Gelu).
-SPARSE_NODES_PER_EXPERT = 10
+# (rows), Gather (gates), Unsqueeze, MatMul, Relu, Mul, MatMul, Unsqueeze, ScatterND. Unit gates need
+# no per-expert gates (10); each bias adds an Add, a gated layer two Slices and a Mul, and the
+# activation its own nodes (SiLU 2, GELU 5, which onnxruntime fuses into one Gelu).
+SPARSE_NODES_PER_EXPERT = 12
 
 
 def uniform_gate(attrs: MoEAttrs) -> Optional[float]:
@@ -292,7 +294,7 @@ def uniform_gate(attrs: MoEAttrs) -> Optional[float]:
 
 def sparse_moe(inputs: MoEInputs, attrs: MoEAttrs):
     """Only the chosen experts' rows: per expert, its tokens (NonZero of its gate column), gathered through
-    its two MatMuls and weighted by its gates; one ScatterND(add) sums every expert's rows into place."""
+    its two MatMuls, weighted by its gates and added into place by a ScatterND(add) naming each token once."""
     out_dtype = inputs.x.dtype
     (x, router_input, w_router, b_router, w_in, b_in, w_out, b_out, const_experts), upcast = _upcast(inputs)
     num_experts, in_rows, hidden = (_static_dim(w_in, axis) for axis in range(3))
@@ -308,7 +310,7 @@ def sparse_moe(inputs: MoEInputs, attrs: MoEAttrs):
     w_out_t = op.Transpose(w_out, perm=[0, 2, 1])  # [E, F, H]
     uniform = uniform_gate(attrs)
 
-    rows_of, outputs = [], []
+    y = op.Expand(op.CastLike(0.0, x), op.Shape(x))
     for e in range(num_experts):
         expert = op.Constant(value_int=e)
         gate_column = op.Gather(combine, expert, axis=1)  # [T]; 0 off the tokens routed here
@@ -328,11 +330,9 @@ def sparse_moe(inputs: MoEInputs, attrs: MoEAttrs):
         if b_out is not None:
             y_e = op.Add(y_e, op.Gather(b_out, expert, axis=0))
             y_e = y_e if gates is None else op.Mul(y_e, gates)
-        rows_of.append(rows)
-        outputs.append(y_e)
-    zeros = op.Expand(op.CastLike(0.0, x), op.Shape(x))
-    y = op.ScatterND(zeros, op.Unsqueeze(op.Concat(*rows_of, axis=0), [1]), op.Concat(*outputs, axis=0),
-                     reduction="add")
+        # one scatter per expert, whose rows are distinct: onnxruntime's threads add updates to a row that one
+        # ScatterND names twice without synchronisation, and lose some
+        y = op.ScatterND(y, op.Unsqueeze(rows, [1]), y_e, reduction="add")
     if uniform not in (None, 1.0):
         y = op.Mul(y, op.CastLike(uniform, y))
     y = _zero_computation(y, x, combine, num_experts, attrs, const_experts)

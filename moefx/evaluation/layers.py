@@ -6,7 +6,9 @@ Per MoE layer, on the evaluation data:
 - ``router_recall``: share of the oracle's top_k experts (largest ||f_e(x)||) that the router picks;
 - ``active_experts``: mean routed experts per token (data-dependent under dynamic-k) and the
   resulting ``active_fraction`` of the FFN's neurons; ``load``: share of routed slots per expert.
-Model level: ``output_cosine``, the mean cosine of the two models' outputs (last dimension).
+Model level: ``output_cosine``, the mean cosine of the two models' outputs (last dimension); for causal
+language models (outputs with ``logits``, batches with ``input_ids``) also ``language``: perplexity of both,
+top-1 next-token agreement and KL(dense || MoE) (``evaluation.language``).
 """
 from __future__ import annotations
 
@@ -16,8 +18,9 @@ from typing import Any, Iterable, Optional
 import torch
 from torch import Tensor, nn
 
+from moefx.evaluation.language import NextTokenQuality, scored_ids
 from moefx.layer import MoELayer
-from moefx.runtime import call_model, hooks, output_tensor
+from moefx.runtime import call_model, hooks, logits_of, output_tensor, read_batches
 from moefx.fit.routers import oracle_scores
 
 
@@ -38,6 +41,7 @@ class QualityReport:
     output_cosine: float
     plot: Optional[str] = None
     notes: list[str] = field(default_factory=list)
+    language: Optional[NextTokenQuality] = None  # causal LMs: perplexity, top-1 agreement, KL
 
     def __str__(self) -> str:
         header = (f"{'layer':<36} {'local err':>9} {'drift err':>9} {'recall':>7} {'experts/tok':>11} "
@@ -46,6 +50,8 @@ class QualityReport:
         rows += [f"{l.name:<36} {l.local_error:>9.4f} {l.drift_error:>9.4f} {l.router_recall:>7.3f} "
                  f"{l.active_experts:>11.2f} {l.active_fraction:>10.1%}" for l in self.layers]
         rows.append(f"output cosine to the dense model: {self.output_cosine:.4f}")
+        if self.language is not None:
+            rows.append(str(self.language))
         if self.plot:
             rows.append(f"expert load plot: {self.plot}")
         return "\n".join(rows + self.notes)
@@ -83,11 +89,15 @@ def evaluate(dense: nn.Module, moe: nn.Module, data: Iterable[Any], plot: Option
     sums = {o.moe: dict(local=0.0, drift=0.0, ref_local=0.0, ref_drift=0.0, hits=0.0, picks=0.0, slots=0.0,
                         tokens=0, load=None) for o in origins}
     cosines = []
-    for batch in data:
+    language = NextTokenQuality()
+    for batch in read_batches(data, "moefx.evaluate", "data"):
         dense_in, dense_out, dense_result = _record(dense, {o.moe: o.dense_inputs[0] for o in origins},
                                                     {o.moe: o.dense_output for o in origins}, batch)
         moe_layers = {o.moe: o.moe for o in origins}
         moe_in, moe_out, moe_result = _record(moe, moe_layers, moe_layers, batch)
+        ids, mask = scored_ids(batch)
+        if ids is not None and logits_of(dense_result) is not None and logits_of(moe_result) is not None:
+            language.add(logits_of(dense_result), logits_of(moe_result), ids, mask)
         a, b = output_tensor(dense_result).float(), output_tensor(moe_result).float()
         cosines.append(torch.nn.functional.cosine_similarity(a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1]),
                                                              dim=-1))
@@ -122,7 +132,8 @@ def evaluate(dense: nn.Module, moe: nn.Module, data: Iterable[Any], plot: Option
                                    s["hits"] / max(s["picks"], 1), active,
                                    (active * layer.expert_width + layer.shared_width) / width,
                                    (s["load"] / s["load"].sum()).tolist()))
-    result = QualityReport(layers, torch.cat(cosines).mean().item())
+    result = QualityReport(layers, torch.cat(cosines).mean().item(),
+                           language=language if language.positions else None)
     if plot:
         result.plot = plot_load(layers, plot)
     return result
