@@ -13,7 +13,7 @@ take one of three strategies, picked per call from the (token, choice) slots per
 * ``per_expert`` (large batches): slots sorted by expert, one BLAS GEMM pair per expert on its rows,
   activation in place, temporaries one expert's size.
 
-Weights are read in the layout the op receives (w_in [E, F_in, H] with interleaved gate/up rows):
+Weights are read in the layout the op receives (w_in [E, F_in, H], gate/up rows interleaved or as halves):
 GEMMs take ``w.T`` as a view and the gated activation pairs columns of the pre-activation, so no
 weight is copied or sliced per call. Zero-computation experts (MoE++) add one dense term
 (``_zero_computation_term``) outside the expert GEMMs. ``moe_reference`` stays the oracle
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from moefx import op
-from moefx.op import MoEAttrs, MoEInputs, activate, register_implementation
+from moefx.op import MoEAttrs, MoEInputs, activate, gate_up, register_implementation
 
 # Crossovers between the GEMM strategies, measured on one core with bench/bench_cpu.py --strategies
 # (2026-11-30, bench/RESULTS.md): "pairs" up to this many (token, choice) slots, then "grouped" while
@@ -105,7 +105,8 @@ def _pairs(inputs: MoEInputs, attrs: MoEAttrs, gates: Tensor, ids: Tensor, weigh
         for e, g in zip(row_ids, row_gates):
             if e < num_experts:
                 w_in, b_in, w_out, b_out = _weights(weights, e, acc)
-                out_t.addmm_(activate(F.linear(xt, w_in, b_in), attrs.activation, attrs.gated), w_out.T, alpha=g)
+                h = activate(F.linear(xt, w_in, b_in), attrs.activation, attrs.gated, attrs.halves)
+                out_t.addmm_(h, w_out.T, alpha=g)
                 if b_out is not None:
                     out_t.add_(b_out, alpha=g)
             elif e >= first_const:
@@ -130,8 +131,8 @@ def _activate_in_place(a: Tensor, attrs: MoEAttrs) -> Tensor:
     """``moefx.op.activate`` reusing a's memory (a is a temporary of ours)."""
     act = ACTIVATIONS_IN_PLACE[attrs.activation]
     if attrs.gated:
-        pairs = a.view(*a.shape[:-1], -1, 2)  # interleaved gate/up columns
-        return act(pairs[..., 0]) * pairs[..., 1]  # a fresh contiguous h: the GEMMs want unit strides
+        gate, up = gate_up(a, attrs.halves)
+        return act(gate) * up  # a fresh contiguous h: the GEMMs want unit strides
     return act(a)
 
 
@@ -155,10 +156,12 @@ def _sorted(inputs: MoEInputs, attrs: MoEAttrs, gates: Tensor, ids: Tensor, stra
     sorted_ids, order = flat_ids.sort(stable=True)
     tokens = order // top_k
     counts = torch.bincount(flat_ids, minlength=inputs.w_router.shape[0])[:num_experts]
+    zero_computation = num_experts < inputs.w_router.shape[0]
     if strategy == "grouped":
         rows = x.index_select(0, tokens)
         offsets = counts.cumsum(0, dtype=torch.int32)
-        expert_of_row = sorted_ids.clamp(max=num_experts - 1)  # zero-computation slots are masked below
+        # zero-computation slots are masked below
+        expert_of_row = sorted_ids.clamp(max=num_experts - 1) if zero_computation else sorted_ids
         a = torch._grouped_mm(rows, w_in.transpose(1, 2), offs=offsets)
         if b_in is not None:
             a += b_in.index_select(0, expert_of_row)
@@ -166,7 +169,7 @@ def _sorted(inputs: MoEInputs, attrs: MoEAttrs, gates: Tensor, ids: Tensor, stra
         if b_out is not None:
             y += b_out.index_select(0, expert_of_row)
         y.mul_(gates.flatten().index_select(0, order)[:, None])
-        if num_experts < inputs.w_router.shape[0]:  # rows past the last offset hold no result
+        if zero_computation:  # rows past the last offset hold no result
             y.masked_fill_((sorted_ids >= num_experts)[:, None], 0)
         return torch.zeros_like(x).index_add_(0, tokens, y)
     # per_expert: each expert's rows gathered, computed and added back on their own, so temporaries stay

@@ -20,6 +20,9 @@ num_const zero-computation experts (MoE++), so the router has E + Z rows::
     f_e(x) = act(x @ w_in[e].T + b_in[e]) @ w_out[e].T + b_out[e]          (plain FFN expert)
     f_e(x) = (act(a[0::2]) * a[1::2]) @ w_out[e].T + b_out[e],
              a = x @ w_in[e].T + b_in[e]          (gated: gate and up rows interleaved)
+    f_e(x) = (act(a[:F]) * a[F:]) @ w_out[e].T + b_out[e]
+                                                  (gated, halves: gate rows, then up rows, as transformers'
+                                                   fused gate_up_proj stores them)
     f_e(x) = 0                      for e in [E, E + num_zero)            (zero expert)
     f_e(x) = x                      for the next num_copy experts         (copy expert)
     f_e(x) = const_experts[j]       for the j-th of the last num_const     (constant expert)
@@ -93,6 +96,7 @@ class MoEAttrs:
     gate_scale: float = 1.0
     num_zero: int = 0
     num_copy: int = 0
+    halves: bool = False  # gated w_in rows as [gate; up] halves instead of interleaved
 
     def __post_init__(self):
         def fail(msg):
@@ -115,6 +119,8 @@ class MoEAttrs:
             fail(f"scoring {self.scoring!r} is not one of {SCORINGS}")
         if not math.isfinite(self.gate_scale):
             fail(f"gate_scale={self.gate_scale} must be finite")
+        if self.halves and not self.gated:
+            fail("halves=True describes the gate/up rows of gated experts; set gated=True or halves=False")
 
     def flat(self) -> tuple:
         """The attribute values in schema order."""
@@ -125,6 +131,7 @@ class MoEAttrs:
         extras += [f"dynamic-k top_p={self.top_p}"] * (self.top_p < 1.0)
         extras += [f"gate_scale={self.gate_scale}"] * (self.gate_scale != 1.0)
         extras += [f"{self.num_zero} zero / {self.num_copy} copy experts"] * bool(self.num_zero or self.num_copy)
+        extras += ["gate/up halves"] * self.halves
         return f"top-{self.top_k} {'gated ' * self.gated}{self.activation}, {', '.join(extras)}"
 
 
@@ -135,7 +142,9 @@ def with_op_signature(*leading: str) -> Callable[[Callable], Callable]:
     def decorate(fn: Callable) -> Callable:
         hints = {**{name: Tensor for name in leading}, **typing.get_type_hints(MoEInputs),
                  **typing.get_type_hints(MoEAttrs)}
-        parameters = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=hint)
+        # halves came after the first schema: its default keeps callers that pass the older attributes working
+        parameters = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=hint,
+                                        **({"default": False} if name == "halves" else {}))
                       for name, hint in hints.items()]
         fn.__signature__ = inspect.Signature(parameters, return_annotation=typing.get_type_hints(fn)["return"])
         return fn
@@ -160,11 +169,11 @@ def kernel_path(device: torch.device) -> str:
     """The implementation ``MOEFX_KERNELS`` (auto | triton | cpu | reference) selects for ``device``: "auto" is
     Triton on CUDA (when installed), "cpu" on the CPU, the reference elsewhere."""
     choice = os.environ.get("MOEFX_KERNELS", "auto")
+    if choice == "auto" and device.type == "cpu":
+        return "cpu"
     if choice not in KERNEL_PATHS:
         raise ValueError(f"MOEFX_KERNELS={choice!r} is not one of {KERNEL_PATHS}; unset it or pick one")
     if choice == "auto":
-        if device.type == "cpu":
-            return "cpu"
         return "triton" if device.type == "cuda" and _triton_available() else "reference"
     return choice
 
@@ -210,39 +219,74 @@ def route(router_input: Tensor, w_router: Tensor, b_router: Optional[Tensor], at
     logits = F.linear(router_input, w_router, b_router)
     if attrs.scoring == "softmax":
         scores = logits.softmax(-1)
-    elif attrs.scoring == "sigmoid":
-        scores = logits.sigmoid()
+        gates, ids = scores.topk(attrs.top_k, dim=-1)
     else:
-        scores = logits
-    ids = (scores if attrs.scoring == "softmax" else logits).topk(attrs.top_k, dim=-1).indices
-    gates = torch.ones(ids.shape, dtype=acc, device=ids.device) if attrs.scoring == "unit" else scores.gather(-1, ids)
-    kept = torch.ones_like(gates, dtype=torch.bool)
+        top, ids = logits.topk(attrs.top_k, dim=-1)
+        gates = top.sigmoid() if attrs.scoring == "sigmoid" else None
+    kept = None
     if attrs.top_p < 1.0:
-        probs = logits.softmax(-1).gather(-1, ids)
+        probs = (scores if attrs.scoring == "softmax" else logits.softmax(-1)).gather(-1, ids)
         mass_before = probs.cumsum(-1) - probs
         rank = torch.arange(attrs.top_k, device=ids.device)
         kept = (rank < attrs.min_k) | (mass_before < attrs.top_p)
+    # NaN rows, found without a pass over all [T, E+Z] scores: a softmax row holding a NaN is all NaN (a NaN or
+    # +inf logit), so its gates are already; topk ranks NaN above every number, so a sigmoid or unit row holds
+    # a NaN iff its first choice's logit is NaN.
+    if attrs.scoring != "softmax":
+        first = top[:, :1]
+        nan_rows = first.isnan()
+    if attrs.scoring == "unit":
+        if kept is None:  # every gate of a row is 1, 1 / top_k renormalised, or NaN (the NaN logit itself)
+            value = (1.0 / attrs.top_k if attrs.renormalize else 1.0) * attrs.gate_scale
+            return torch.where(nan_rows.expand(ids.shape), first, value), ids
+        gates = torch.where(nan_rows.expand(ids.shape), first, 1.0)
+    if kept is not None:
         gates = gates * kept
     if attrs.renormalize and attrs.scoring == "sigmoid":
-        log_gates = F.logsigmoid(logits.gather(-1, ids)).masked_fill(~kept, -math.inf)
-        gates = log_gates.softmax(-1)
-    elif attrs.renormalize:
-        gates = gates / gates.sum(-1, keepdim=True)
-    gates = gates.masked_fill(scores.isnan().any(-1, keepdim=True), math.nan)
+        log_gates = F.logsigmoid(top)  # a NaN first choice makes the whole softmax row NaN
+        gates = (log_gates if kept is None else log_gates.masked_fill(~kept, -math.inf)).softmax(-1)
+    else:
+        if attrs.renormalize:
+            gates = gates / gates.sum(-1, keepdim=True)
+        if attrs.scoring != "softmax":
+            gates = gates.masked_fill(nan_rows, math.nan)
     return (gates if attrs.gate_scale == 1.0 else gates * attrs.gate_scale), ids
 
 
-def activate(a: Tensor, activation: str, gated: bool) -> Tensor:
-    """The expert's hidden activation h from its pre-activation a: act(a), or act(a[0::2]) * a[1::2] when gated
-    (gate and up rows interleaved)."""
+def activate(a: Tensor, activation: str, gated: bool, halves: bool = False) -> Tensor:
+    """The expert's hidden activation h from its pre-activation a: act(a), or act(gate) * up when gated (gate and
+    up columns interleaved, or the two halves of a)."""
     act = ACTIVATIONS[activation]
-    return act(a[..., 0::2]) * a[..., 1::2] if gated else act(a)
+    if not gated:
+        return act(a)
+    gate, up = gate_up(a, halves)
+    return act(gate) * up
+
+
+def gate_up(a: Tensor, halves: bool) -> tuple[Tensor, Tensor]:
+    """The gate and up columns of a gated pre-activation a [..., 2F] (views)."""
+    if halves:
+        return a.split(a.shape[-1] // 2, dim=-1)
+    return a[..., 0::2], a[..., 1::2]
+
+
+def interleaved(inputs: MoEInputs, attrs: MoEAttrs) -> tuple[MoEInputs, MoEAttrs]:
+    """The same op with gate/up rows interleaved (copies of w_in and b_in when ``attrs.halves``): for
+    implementations that read the interleaved layout only."""
+    if not attrs.halves:
+        return inputs, attrs
+    num_experts, f_in, hidden = inputs.w_in.shape
+    w_in = inputs.w_in.reshape(num_experts, 2, f_in // 2, hidden).transpose(1, 2).reshape(num_experts, f_in, hidden)
+    b_in = inputs.b_in
+    if b_in is not None:
+        b_in = b_in.reshape(num_experts, 2, f_in // 2).transpose(1, 2).reshape(num_experts, f_in)
+    return inputs._replace(w_in=w_in, b_in=b_in), dataclasses.replace(attrs, halves=False)
 
 
 def expert_ffn(x: Tensor, w_in: Tensor, b_in: Optional[Tensor], w_out: Tensor, b_out: Optional[Tensor],
-               activation: str, gated: bool) -> Tensor:
+               activation: str, gated: bool, halves: bool = False) -> Tensor:
     """One expert f_e applied to rows x."""
-    return F.linear(activate(F.linear(x, w_in, b_in), activation, gated), w_out, b_out)
+    return F.linear(activate(F.linear(x, w_in, b_in), activation, gated, halves), w_out, b_out)
 
 
 def _computing_experts(ids: Tensor, num_choices: int, num_experts: int, num_zero: int):
@@ -272,7 +316,7 @@ def moe_reference(inputs: MoEInputs, attrs: MoEAttrs) -> Tensor:
         if e < num_experts:
             y = expert_ffn(xf[tokens], w_in[e].to(acc), None if b_in is None else b_in[e].to(acc),
                            w_out[e].to(acc), None if b_out is None else b_out[e].to(acc), attrs.activation,
-                           attrs.gated)
+                           attrs.gated, attrs.halves)
         elif e < num_experts + attrs.num_zero + attrs.num_copy:
             y = xf[tokens]
         else:
@@ -337,7 +381,7 @@ def moe_backward_reference(grad_out: Tensor, inputs: MoEInputs, attrs: MoEAttrs)
         if e < num_experts:
             xe = xf[tokens]
             a = F.linear(xe, w_in[e].to(acc), None if b_in is None else b_in[e].to(acc))
-            h = activate(a, activation, gated)
+            h = activate(a, activation, gated, attrs.halves)
             y = F.linear(h, w_out[e].to(acc), None if b_out is None else b_out[e].to(acc))
             dy = g_out * flat_gates[slots, None]
             dw_out[e] = dy.T @ h
@@ -345,10 +389,11 @@ def moe_backward_reference(grad_out: Tensor, inputs: MoEInputs, attrs: MoEAttrs)
                 db_out[e] = dy.sum(0)
             dh = dy @ w_out[e].to(acc)
             if gated:
-                gate, up = a[:, 0::2], a[:, 1::2]
+                gate, up = gate_up(a, attrs.halves)
                 da = torch.empty_like(a)
-                da[:, 0::2] = dh * up * ACTIVATION_GRADS[activation](gate)
-                da[:, 1::2] = dh * ACTIVATIONS[activation](gate)
+                d_gate, d_up = gate_up(da, attrs.halves)
+                d_gate.copy_(dh * up * ACTIVATION_GRADS[activation](gate))
+                d_up.copy_(dh * ACTIVATIONS[activation](gate))
             else:
                 da = dh * ACTIVATION_GRADS[activation](a)
             dw_in[e] = da.T @ xe
@@ -448,8 +493,32 @@ def _eager_cpu_inference(inputs: MoEInputs) -> bool:
             and not torch._C._are_functorch_transforms_active() and torch._C._get_tracing_state() is None)
 
 
+# (attrs, every input's shape) that passed ``check_inputs``: the check reads nothing else, so each layer pays
+# for it once per token count; bounded so that shapes a long-lived process has seen do not pile up
+_CHECKED: dict = {}
+_CHECKED_MAX = 4096
+
+
 def check_inputs(inputs: MoEInputs, attrs: MoEAttrs) -> None:
-    """Raise a ValueError naming the first tensor that breaks the contract (``MoEAttrs`` checks itself)."""
+    """Raise a ValueError naming the first tensor that breaks the contract (``MoEAttrs`` checks itself);
+    shapes that passed before pass again without the checks."""
+    if torch.compiler.is_compiling():  # traced once per graph, and symbolic sizes do not hash
+        _check_shapes(inputs, attrs)
+        return
+    key = (attrs, *[None if t is None else t.shape for t in inputs])
+    try:
+        if key in _CHECKED:
+            return
+    except TypeError:  # symbolic sizes (fake-tensor tracing outside torch.compile)
+        _check_shapes(inputs, attrs)
+        return
+    _check_shapes(inputs, attrs)
+    if len(_CHECKED) >= _CHECKED_MAX:
+        _CHECKED.clear()
+    _CHECKED[key] = None
+
+
+def _check_shapes(inputs: MoEInputs, attrs: MoEAttrs) -> None:
     def fail(msg):
         raise ValueError(f"moefx.moe: {msg}")
 
@@ -467,7 +536,7 @@ def check_inputs(inputs: MoEInputs, attrs: MoEAttrs) -> None:
              f"({num_experts} experts + {total - num_experts} zero-computation experts)")
     width = f_in // 2 if attrs.gated else f_in
     if attrs.gated and f_in % 2:
-        fail(f"gated experts need interleaved gate/up rows, but w_in has an odd row count {f_in}")
+        fail(f"gated experts need gate/up row pairs, but w_in has an odd row count {f_in}")
     if w_out.shape != (num_experts, hidden, width):
         fail(f"w_out is {tuple(w_out.shape)}, expected [{num_experts}, {hidden}, {width}]")
     for name, bias, shape in (("b_router", b_router, (total,)), ("b_in", b_in, (num_experts, f_in)),

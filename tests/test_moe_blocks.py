@@ -257,3 +257,23 @@ def test_triton_swap_retargets_the_op_where_the_kernel_path_is_triton(monkeypatc
     assert swap_triton(gm) == 1
     assert [n.target for n in gm.graph.nodes if n.op == "call_function" and "moefx" in str(n.target)] == \
         [torch.ops.moefx.moe_triton.default]
+
+
+def test_interleaved_rewrite_reorders_transformers_halves_and_matches_eager():
+    """halves=False (the ONNX export's choice, and CUDA's): gate/up halves reordered to interleaved rows."""
+    model, layers = tiny_moe_model("qwen3_moe")
+    graphs = []
+
+    def backend(gm, example_inputs):
+        rewrite_moe_blocks(gm, halves=False)
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    ids = token_ids(7)
+    with torch.no_grad():
+        out = torch.compile(model, backend=backend)(ids).logits
+        ref = model(ids).logits
+    calls = [n for n in graphs[0].graph.nodes if is_moe_call(n)]
+    assert len(calls) == layers and all(n.args[-1] is False for n in calls)
+    assert relative_error(out, ref) <= 1e-5

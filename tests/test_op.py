@@ -189,3 +189,70 @@ def test_new_activation_gradients_match_autograd(activation):
     a = torch.linspace(-6, 6, 101, dtype=torch.float64).requires_grad_()
     ACTIVATIONS[activation](a).sum().backward()
     assert torch.allclose(ACTIVATION_GRADS[activation](a.detach()), a.grad, atol=1e-12)
+
+
+def _route_with_full_nan_scan(router_input, w_router, b_router, attrs):
+    """``route`` as the contract words it: a token's gates are NaN iff any of its [E+Z] scores is NaN."""
+    import math
+
+    import torch.nn.functional as F
+    logits = F.linear(router_input, w_router, b_router)
+    scores = {"softmax": logits.softmax(-1), "sigmoid": logits.sigmoid(), "unit": logits}[attrs.scoring]
+    ids = (scores if attrs.scoring == "softmax" else logits).topk(attrs.top_k, dim=-1).indices
+    gates = torch.ones(ids.shape, dtype=logits.dtype) if attrs.scoring == "unit" else scores.gather(-1, ids)
+    kept = torch.ones_like(gates, dtype=torch.bool)
+    if attrs.top_p < 1.0:
+        probs = logits.softmax(-1).gather(-1, ids)
+        kept = (torch.arange(attrs.top_k) < attrs.min_k) | (probs.cumsum(-1) - probs < attrs.top_p)
+        gates = gates * kept
+    if attrs.renormalize and attrs.scoring == "sigmoid":
+        gates = F.logsigmoid(logits.gather(-1, ids)).masked_fill(~kept, -math.inf).softmax(-1)
+    elif attrs.renormalize:
+        gates = gates / gates.sum(-1, keepdim=True)
+    return gates.masked_fill(scores.isnan().any(-1, keepdim=True), math.nan) * attrs.gate_scale, ids
+
+
+@pytest.mark.parametrize("scoring", ["softmax", "sigmoid", "unit"])
+@pytest.mark.parametrize("renormalize", [False, True])
+@pytest.mark.parametrize("top_p", [1.0, 0.6])
+def test_route_finds_nan_rows_as_a_full_scan_of_the_scores_does(scoring, renormalize, top_p):
+    """route's NaN test reads only each row's first choice (topk ranks NaN first; a softmax row with a NaN or
+    +inf logit is all NaN): same gates as scanning every score, with NaN and +-inf logits anywhere in a row."""
+    from moefx.op import route
+    g = torch.Generator().manual_seed(hash((scoring, renormalize, top_p)) % 2**31)
+    attrs = MoEAttrs(top_k=3, activation="relu", gated=False, scoring=scoring, renormalize=renormalize, top_p=top_p,
+                     gate_scale=1.5)
+    x, w, b = torch.randn(40, 6, generator=g), torch.randn(9, 6, generator=g), torch.randn(9, generator=g)
+    poisoned = {3: float("nan"), 7: float("inf"), 11: -float("inf"), 19: float("nan"), 23: float("inf")}
+    nan_tokens = 0
+    for t in range(x.shape[0]):  # token by token, each with its own router bias carrying the poison
+        bias = b.clone()
+        if t in poisoned:
+            bias[(t * 5) % 9] = poisoned[t]
+        want, want_ids = _route_with_full_nan_scan(x[t:t + 1], w, bias, attrs)
+        got, got_ids = route(x[t:t + 1], w, bias, attrs)
+        assert torch.equal(got_ids, want_ids)
+        assert torch.equal(got.isnan(), want.isnan())
+        assert torch.allclose(got.nan_to_num(), want.nan_to_num(), rtol=1e-6, atol=0)
+        nan_tokens += bool(want.isnan().all())
+    assert nan_tokens >= 2
+    assert torch.allclose(route(x, w, b, attrs)[0], _route_with_full_nan_scan(x, w, b, attrs)[0], rtol=1e-6, atol=0)
+
+
+def test_shape_check_is_cached_per_shape_and_a_new_shape_is_checked_again(monkeypatch):
+    import moefx.op
+    checked = []
+    real = moefx.op._check_shapes
+    monkeypatch.setattr(moefx.op, "_check_shapes", lambda i, a: checked.append(i.x.shape) or real(i, a))
+    monkeypatch.setattr(moefx.op, "_CHECKED", {})
+    t, cfg = _inputs(CASES[1], dtype=torch.float32), _config(CASES[1])
+    with torch.no_grad():
+        _call(t, cfg)
+        _call(t, cfg)
+        assert len(checked) == 1
+        _call(dict(t, x=t["x"][:4]), cfg)  # another token count: checked once more
+        assert len(checked) == 2
+        with pytest.raises(ValueError, match=r"w_out is \(5, 10, 5\), expected \[5, 10, 6\]"):
+            _call(dict(t, w_out=t["w_out"][..., :5]), cfg)
+        with pytest.raises(ValueError, match=r"w_in is \[E, F_in, 10\] but x has 9 features"):
+            _call(dict(t, x=t["x"][:, :9]), cfg)

@@ -23,7 +23,7 @@ from moefx.codegen.kernels.decode import decode_down_kernel, decode_up_kernel
 from moefx.codegen.kernels.grouped import grouped_down_kernel, grouped_up_kernel
 from moefx.codegen.kernels.permute import permute_kernel
 from moefx.codegen.kernels.router import router_kernel, router_logits_kernel
-from moefx.op import MoEAttrs, MoEInputs, moe_reference
+from moefx.op import MoEAttrs, MoEInputs, interleaved, moe_reference
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -61,6 +61,9 @@ def moe_triton(inputs: MoEInputs, attrs: MoEAttrs) -> Tensor:
     if inputs.x.dtype == torch.float64:
         # fp64 is the gradcheck/reference dtype; the kernels are specialised for fp32 and half types.
         return moe_reference(inputs, attrs)
+    # the kernels read interleaved gate/up rows; the compile pass keeps that layout on CUDA graphs, so this copy
+    # is for ops built with halves by hand
+    inputs, attrs = interleaved(inputs, attrs)
     out, launches = plan(inputs, attrs)
     for step in launches:
         wrap_triton(step.kernel)[step.grid](*step.args, **step.kwargs)

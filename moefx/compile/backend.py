@@ -2,7 +2,7 @@
 
 The Dynamo graph goes through ``moefx.compile.passes.PRE_GRAD_PASSES`` (MoE blocks of
 transformers models become ``moefx::moe``; on CUDA that op becomes its Triton ``triton_op``), then to
-Inductor's ``compile_fx``. ``mode`` and ``options`` mean what they mean for Inductor, e.g.
+Inductor's ``compile_fx``, which expands the op elsewhere through ``moefx.compile.decompose``. ``mode`` and ``options`` mean what they mean for Inductor, e.g.
 ``torch.compile(model, backend="moefx", mode="reduce-overhead")`` or ``options={"freezing": True}``
 (inference: folds the per-call reordering of expert weights into constants).
 
@@ -18,6 +18,7 @@ import torch
 from torch._dynamo.backends import registry
 from torch._dynamo.utils import counters
 
+from moefx.compile import decompose  # noqa: F401  (moefx::moe's decomposition, in Inductor's table)
 from moefx.compile.passes import run_pre_grad_passes
 from moefx.compile.swap_triton import is_moe_call
 

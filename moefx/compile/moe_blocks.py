@@ -7,7 +7,8 @@ experts implementations. What is matched, whatever the model class is called:
     router   topk(softmax | sigmoid (linear(r, W_r [, b_r])), k)     selection on the scores themselves
     gates    top-k values [/ their sum (+eps)] [* constant]             -> renormalize, gate_scale
     experts  two GEMMs over 3-D weights W_up [E, F_in, H], W_down [E, H, F] (nn.Linear layout) with
-             act(up) or act(gate) * up between them ([gate; up] halves, reordered to the op's interleaved rows)
+             act(up) or act(gate) * up between them ([gate; up] halves: read in place with ``halves=True``,
+             or reordered to interleaved rows where the Triton kernels run, which read only those)
     combine  GEMM outputs times the gates, summed back to one row per token: [T, H]
 
 Everything between the router's ``topk`` and the combined [T, H] output must be routing bookkeeping
@@ -19,7 +20,8 @@ stay ordinary ops beside the new call. Calls of ``moefx::moe`` (from ``moefx.con
 
 Input level: a torch-level fx graph with Dynamo's fake values in ``node.meta["example_value"]`` (or
 ``"val"``): the graph a Dynamo backend receives, or ``torch._dynamo.export(model)(...)``'s graph module.
-Entry point: ``rewrite_moe_blocks(gm) -> int`` (blocks rewritten; the graph module is recompiled).
+Entry point: ``rewrite_moe_blocks(gm, halves=None) -> int`` (blocks rewritten; the graph module is recompiled);
+``halves=None`` keeps gate/up halves in place unless the op will run the Triton kernels.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ import torch
 from torch.fx import GraphModule, Node
 from torch.fx.passes.infra.pass_base import PassResult
 
-from moefx.op import MoEAttrs, MoEInputs
+from moefx.op import MoEAttrs, MoEInputs, kernel_path
 from moefx.compile.torch_graph import (
     CASTS, arg, call, getitem_of, is_tensor, op_name, same_size, strip_casts, value,
 )
@@ -77,8 +79,10 @@ class Experts:
     weight_views: list[Node]  # transposes/casts of the weights outside the block, dropped once unused
 
 
-def rewrite_moe_blocks(gm: GraphModule) -> int:
-    """Replace every recognised MoE block in ``gm`` by one ``moefx::moe`` call; return how many."""
+def rewrite_moe_blocks(gm: GraphModule, halves: Optional[bool] = None) -> int:
+    """Replace every recognised MoE block in ``gm`` by one ``moefx::moe`` call; return how many. ``halves``:
+    whether gated blocks' [gate; up] weights are read in place (True), reordered to interleaved rows (False), or
+    in place unless the op runs the Triton kernels (None)."""
     claimed: set[Node] = set()
     rewritten = 0
     for root in [n for n in gm.graph.nodes if op_name(n) == "topk"]:
@@ -87,7 +91,7 @@ def rewrite_moe_blocks(gm: GraphModule) -> int:
         try:
             region, combined = block_region(root)
             claimed.update(region)
-            rewrite_block(gm, root, region, combined)
+            rewrite_block(gm, root, region, combined, halves)
             rewritten += 1
         except NotRewritten as why:
             log.debug("moefx: MoE-like block at %s (%s) not rewritten: %s", root.name, describe(root), why)
@@ -139,7 +143,7 @@ def block_region(root: Node) -> tuple[list[Node], Node]:
                        "'batched_mm')")
 
 
-def rewrite_block(gm: GraphModule, root: Node, region: list[Node], combined: Node) -> None:
+def rewrite_block(gm: GraphModule, root: Node, region: list[Node], combined: Node, halves: Optional[bool]) -> None:
     router = parse_router(root)
     gates_end, renormalize, gate_scale, gate_chain = parse_gates(root)
     experts = parse_experts(region, gate_chain | {root, getitem_of(root, 1)}, gates_end, combined)
@@ -156,16 +160,19 @@ def rewrite_block(gm: GraphModule, root: Node, region: list[Node], combined: Nod
     graph = gm.graph
     with graph.inserting_before(combined):
         w_in = experts.w_up
-        if experts.gated:
-            # transformers stores [gate; up] halves, the op wants gate/up rows interleaved.
+        if halves is None:
+            halves = kernel_path(value(experts.x).device) != "triton"
+        halves = halves and experts.gated
+        if experts.gated and not halves:
+            # transformers stores [gate; up] halves, the Triton kernels read gate/up rows interleaved.
             width = f_in // 2
-            halves = call(graph, torch.reshape, w_in, (num_experts, 2, width, hidden))
-            w_in = call(graph, torch.reshape, call(graph, torch.transpose, halves, 1, 2),
+            split = call(graph, torch.reshape, w_in, (num_experts, 2, width, hidden))
+            w_in = call(graph, torch.reshape, call(graph, torch.transpose, split, 1, 2),
                         (num_experts, f_in, hidden))
         inputs = MoEInputs(experts.x, router.router_input, router.w_router, router.b_router, w_in, None,
                            experts.w_down, None, None)
         attrs = MoEAttrs(router.top_k, experts.activation, experts.gated, router.scoring, renormalize,
-                         gate_scale=gate_scale)
+                         gate_scale=gate_scale, halves=halves)
         out = call(graph, torch.ops.moefx.moe.default, *inputs, *attrs.flat())
         if value(out).dtype != value(combined).dtype:
             out = call(graph, torch.Tensor.to, out, value(combined).dtype)

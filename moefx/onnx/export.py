@@ -73,6 +73,10 @@ class MoETranslator:
 
     def translate(self, *op_args):
         inputs, attrs = unflatten(op_args)
+        if attrs.halves:
+            raise UnsupportedLayerError(
+                f"MoE layer {len(self.layers)} ({attrs.describe()}) stores its gate/up rows as halves; the ONNX "
+                "translation reads interleaved rows. Build the op with moefx.op.interleaved(inputs, attrs).")
         cfg = config_of(inputs, attrs)
         target, reason = self._choose(cfg)
         approximated = target == "onnxruntime" and self.approximate and cfg.activation in APPROXIMATIONS
@@ -189,7 +193,7 @@ def with_moe_blocks_rewritten(model: torch.nn.Module, args: tuple, kwargs: dict,
             "Dynamo to rewrite its MoE blocks, and the capture failed (a graph break?). For a transformers MoE "
             "model call model.set_experts_implementation('grouped_mm') (the default) or 'batched_mm'; the eager "
             "per-expert loop does not capture.") from error
-    rewritten = rewrite_moe_blocks(gm)
+    rewritten = rewrite_moe_blocks(gm, halves=False)  # the ONNX translation reads interleaved rows
     if not rewritten:
         log.warning("moefx ONNX export: %s holds 3-D (stacked expert?) weights but no MoE block was recognised; "
                     "exporting it as it is (see moefx.compile.moe_blocks debug logs for why)", type(model).__name__)
