@@ -9,6 +9,7 @@ ranking by the layers' turn order (tried: the layer that just ran is needed last
 """
 from __future__ import annotations
 
+import abc
 import itertools
 from collections import Counter
 from typing import Hashable, Iterable, Sequence
@@ -16,7 +17,9 @@ from typing import Hashable, Iterable, Sequence
 Key = Hashable
 
 
-class Policy:
+class Policy(abc.ABC):
+    """Access bookkeeping shared by the eviction rules; each rule is its ``rank``."""
+
     name = "policy"
 
     def __init__(self):
@@ -31,9 +34,9 @@ class Policy:
     def victim(self, candidates: Iterable[Key]) -> Key:
         return min(candidates, key=self.rank)
 
+    @abc.abstractmethod
     def rank(self, key: Key) -> tuple:
         """Smaller is evicted first."""
-        raise NotImplementedError
 
     def expect(self, future: Sequence[Key]) -> None:
         """Accesses known to come, in order."""
